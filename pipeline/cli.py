@@ -1,0 +1,240 @@
+"""The `sessions-export` command line: parse options, build the parts, map errors to exits.
+
+Every expected failure is an `ExportError` printed as one line; exit codes follow the
+contract (0 done, 2 usage, 3 key, 4 API, 5 storage, 75 locked, 1 bug).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from pipeline.config import DEFAULT_API_URL, OPTIONS, Settings, load_settings, parse_duration_ms
+from pipeline.errors import ExportError
+from pipeline.logs import redact, register_secret, setup_logging
+from pipeline.state import StateStore
+from pipeline.storage import Storage
+
+log = logging.getLogger("pipeline")
+
+SECRET_ENV = "TRIGGER_SECRET_KEY"
+API_URL_ENV = "TRIGGER_API_URL"
+EXIT_VERIFY_FAILED = 6
+
+_COMMON = ("output", "state", "log_level", "log_format")
+_API = ("api_url", "connect_timeout", "read_timeout", "max_attempts", "backoff_initial",
+        "backoff_max", "allow_insecure_http", "flush_rows", "flush_bytes")
+_FILTERS = {
+    "type": "only sessions of this type (one value)",
+    "task_identifier": "only sessions of this task (one value)",
+    "tags": "only sessions carrying this tag (one value)",
+    "external_id": "only the session with this externalId",
+    "status": "only ACTIVE, CLOSED or EXPIRED sessions (one value)",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def with_options(*names: str, filters: bool = False) -> Callable[[Callable], Callable]:
+    """Add `--config` and the named settings as flags; pass the merged `Settings` on."""
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def wrapper(config: str | None, **kwargs: Any) -> Any:
+            flags = {n: kwargs.pop(n) for n in names}
+            filter_flags = {n: kwargs.pop(n) for n in _FILTERS} if filters else {}
+            settings = load_settings(config, flags, filter_flags)
+            setup_logging(settings.log_level, settings.log_format)
+            return command(settings, **kwargs)
+
+        for name in reversed(names):
+            option = next(o for o in OPTIONS if o.name == name)
+            if option.type is bool:
+                wrapper = click.option(_flag(name), name, is_flag=True, default=None,
+                                       help=option.help)(wrapper)
+            else:
+                wrapper = click.option(_flag(name), name, type=option.type, default=None,
+                                       help=f"{option.help} [default: {option.default}]"
+                                       if option.default is not None else option.help)(wrapper)
+        if filters:
+            for name, text in reversed(_FILTERS.items()):
+                wrapper = click.option(_flag(name), name, default=None, help=text)(wrapper)
+        return click.option("--config", "config", type=click.Path(dir_okay=False),
+                            help="TOML config file (see configs/); flags win over it")(wrapper)
+
+    return decorate
+
+
+def output_storage(settings: Settings) -> Storage:
+    return Storage(settings.output)
+
+
+def state_store(settings: Settings) -> StateStore:
+    if settings.state:
+        return StateStore(Storage(settings.state))
+    return StateStore(output_storage(settings).child("_state"))
+
+
+def make_client(settings: Settings, concurrency: int = 1):  # noqa: ANN201
+    from pipeline.client import ClientSettings, TriggerClient
+
+    key = os.environ.get(SECRET_ENV, "")
+    register_secret(key)
+    client_settings = ClientSettings(
+        base_url=settings.api_url or os.environ.get(API_URL_ENV) or DEFAULT_API_URL,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        max_attempts=settings.max_attempts,
+        backoff_initial=settings.backoff_initial,
+        backoff_max=settings.backoff_max,
+        allow_insecure_http=bool(settings.allow_insecure_http),
+        concurrency=concurrency,
+    )
+    return TriggerClient(client_settings, key)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="trigger-sessions-export")
+def cli() -> None:
+    """Export Trigger.dev sessions into hive-partitioned Parquet.
+
+    The key is read from TRIGGER_SECRET_KEY (never a flag); the API from TRIGGER_API_URL
+    or --api-url. Exit codes: 0 done, 2 bad usage or config, 3 key rejected, 4 API still
+    failing after retries (the next run resumes), 5 storage failed, 6 verify found
+    problems, 75 another run holds the lock, 1 a bug.
+    """
+
+
+@cli.command()
+@with_options(*_COMMON, *_API, "lookback", filters=True)
+@click.option("--full-refresh", is_flag=True, help="re-walk the whole history, ignoring the checkpoint")
+@click.option("--compact", "compact_after", is_flag=True, help="compact the partitions this run touched")
+def run(settings: Settings, full_refresh: bool, compact_after: bool) -> None:
+    """Incremental export: resume an interrupted run, else export everything created since
+    the checkpoint's high-water mark minus the lookback. The first run exports all history."""
+    from pipeline.runner import IncrementalRun, RunOptions
+
+    options = RunOptions(
+        filters=settings.filters,
+        lookback_ms=parse_duration_ms(settings.lookback, "lookback"),
+        flush_rows=settings.flush_rows,
+        flush_bytes=settings.flush_bytes,
+        full_refresh=full_refresh,
+    )
+    state = state_store(settings)
+    with make_client(settings) as client:
+        summary = IncrementalRun(client, output_storage(settings), state, options).execute()
+    click.echo(summary.line())
+    if compact_after and summary.files:
+        _compact(settings, only=_touched_partitions(settings, summary.run_id))
+
+
+def _touched_partitions(settings: Settings, run_id: str) -> list[str]:
+    data = output_storage(settings).read_bytes(f"_runs/{run_id}.json")
+    return list(json.loads(data)["partitions"]) if data else []
+
+
+@cli.command()
+@with_options(*_COMMON)
+def compact(settings: Settings) -> None:
+    """Rewrite partitions so that each holds one row per session id, the latest version."""
+    _compact(settings, only=None)
+
+
+def _compact(settings: Settings, only: list[str] | None) -> None:
+    from pipeline.compact import compact as run_compact
+    from pipeline.runner import _holder, new_run_id, wall_clock_ms
+
+    with state_store(settings).lock(_holder()):
+        summary = run_compact(output_storage(settings), new_run_id(wall_clock_ms()), only)
+    click.echo(summary.line())
+
+
+@cli.command()
+@with_options(*_COMMON)
+@click.option("--strict", is_flag=True, help="also fail when a session has several versions")
+def verify(settings: Settings, strict: bool) -> None:
+    """Read the dataset back: schema, partition keys, duplicates, unreadable or stray files."""
+    from pipeline.verify import verify as run_verify
+
+    report = run_verify(output_storage(settings), strict=strict)
+    for line in report.lines():
+        click.echo(line)
+    if not report.ok:
+        sys.exit(EXIT_VERIFY_FAILED)
+
+
+@cli.group()
+def state() -> None:
+    """Show or clear the incremental checkpoint."""
+
+
+@state.command("show")
+@with_options(*_COMMON)
+def state_show(settings: Settings) -> None:
+    """Print the checkpoint as JSON."""
+    store = state_store(settings)
+    checkpoint = store.load()
+    click.echo(checkpoint.to_json().decode())
+
+
+@state.command("reset")
+@with_options(*_COMMON)
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+def state_reset(settings: Settings, yes: bool) -> None:
+    """Clear the checkpoint: the next run exports the whole history again."""
+    from pipeline.runner import _holder
+
+    store = state_store(settings)
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"clear the checkpoint in {store.storage.uri}?", abort=True)
+    with store.lock(_holder()):
+        store.reset()
+    click.echo(f"checkpoint cleared in {store.storage.uri}")
+
+
+def _attach_emulator() -> None:
+    try:
+        from pipeline.emulator.cli import emulator_command
+    except ImportError:  # pragma: no cover - the emulator ships with the package
+        return
+    cli.add_command(emulator_command)
+
+
+_attach_emulator()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="sessions-export", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(2 if isinstance(error, click.UsageError) else error.exit_code)
+    except ExportError as error:
+        click.echo(f"sessions-export: error: {redact(str(error))}", err=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; the next run resumes from the last checkpoint", err=True)
+        sys.exit(130)
+    except Exception as error:  # noqa: BLE001 - the last line of defence
+        log.debug("unexpected error", exc_info=True)
+        click.echo(
+            f"sessions-export: unexpected error (a bug, please report it): "
+            f"{type(error).__name__}: {redact(str(error))}; rerun with --log-level debug "
+            "for the traceback",
+            err=True,
+        )
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,295 @@
+"""HTTP client for Trigger.dev's sessions API: auth, retries, 429 waits and pacing.
+
+It knows requests and responses, never Parquet or checkpoints. Every request goes through
+`_send`, which paces itself with the shared `RateLimiter`, waits out 429s until the
+`x-ratelimit-reset` instant (the API sends no Retry-After) and retries transient faults
+with capped, fully jittered exponential backoff. The secret key lives only in the
+`Authorization` header of the underlying httpx client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+import orjson
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from pipeline.errors import ApiError, AuthError, QueryRejected, UsageError
+from pipeline.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+SESSIONS_PATH = "/api/v1/sessions"
+PAGE_SIZE = 100
+KEY_PREFIXES = ("tr_dev_", "tr_stg_", "tr_prod_")
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How to reach the API and how hard to try; every field is a documented option."""
+
+    base_url: str = "https://api.trigger.dev"
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_attempts: int = 6  # per request, for faults; 429 waits are not counted
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    max_rate_limit_wait: float = 900.0  # total seconds one request may spend waiting on 429s
+    allow_insecure_http: bool = False
+    concurrency: int = 1
+
+
+@dataclass(frozen=True)
+class SessionPage:
+    """One page of the list: its sessions, the cursor to the next page, when it arrived."""
+
+    sessions: list[dict[str, Any]]
+    next_cursor: str | None
+    received_at_ms: int
+
+
+class TransientError(Exception):
+    """A failure worth retrying: 5xx, 408, 409, transport errors, unusable 200 bodies."""
+
+
+class RequestStats:
+    """Counters shared by every request of a run (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.retries = 0
+        self.rate_limited = 0
+
+    def add(self, *, requests: int = 0, retries: int = 0, rate_limited: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.retries += retries
+            self.rate_limited += rate_limited
+
+
+def check_base_url(url: str, allow_insecure_http: bool) -> str:
+    """Validate the API base URL; plain http is only for loopback unless explicitly allowed."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"the API URL {url!r} is not an http(s) URL with a host")
+    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
+        raise UsageError(
+            f"refusing plain http to {parts.hostname}: the key would travel unencrypted; "
+            "use https, or set allow_insecure_http = true if you really mean it"
+        )
+    return url.rstrip("/")
+
+
+def check_secret_key(key: str | None) -> str:
+    if not key:
+        raise AuthError("TRIGGER_SECRET_KEY is not set: export your environment's secret key")
+    if not key.startswith(KEY_PREFIXES):
+        raise AuthError(
+            "TRIGGER_SECRET_KEY does not look like a secret key (tr_dev_…, tr_stg_…, tr_prod_…)"
+        )
+    return key
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class TriggerClient:
+    """Synchronous client; thread-safe, so several walkers may share one."""
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        secret_key: str,
+        limiter: RateLimiter | None = None,
+        stats: RequestStats | None = None,
+    ) -> None:
+        self.settings = settings
+        self.base_url = check_base_url(settings.base_url, settings.allow_insecure_http)
+        self.limiter = limiter or RateLimiter()
+        self.stats = stats or RequestStats()
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers={
+                "Authorization": f"Bearer {check_secret_key(secret_key)}",
+                "Accept": "application/json",
+                "User-Agent": "trigger-sessions-export/0.1",
+            },
+            timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
+            limits=httpx.Limits(max_connections=max(4, settings.concurrency * 2)),
+            follow_redirects=False,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> TriggerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- endpoints -----------------------------------------------------------------------
+
+    def list_sessions(self, params: dict[str, str]) -> SessionPage:
+        """One page of `GET /api/v1/sessions` with exactly these query params."""
+        body, received_ms = self._send("GET", SESSIONS_PATH, params, parse=_parse_list_body)
+        sessions, next_cursor = body
+        return SessionPage(sessions, next_cursor, received_ms)
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        """One session with its triggerConfig, or None when the API does not know it."""
+        path = f"{SESSIONS_PATH}/{quote(session_id, safe='')}"
+        body, _ = self._send("GET", path, None, parse=_parse_session_body, missing_ok=True)
+        return body
+
+    # -- the request loop ----------------------------------------------------------------
+
+    def _send(self, method, path, params, *, parse, missing_ok=False):  # noqa: ANN001, ANN202
+        retrying = Retrying(
+            stop=stop_after_attempt(self.settings.max_attempts),
+            wait=wait_random_exponential(
+                multiplier=self.settings.backoff_initial, max=self.settings.backoff_max
+            ),
+            retry=retry_if_exception_type(TransientError),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            return retrying(self._attempt, method, path, params, parse, missing_ok)
+        except TransientError as error:
+            raise ApiError(
+                f"the API is still failing after {self.settings.max_attempts} attempts "
+                f"({error}); progress is checkpointed, the next run resumes"
+            ) from None
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        self.stats.add(retries=1)
+        error = state.outcome.exception() if state.outcome else None
+        sleep = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "request failed (%s); retry %d/%d in %.1fs",
+            error,
+            state.attempt_number,
+            self.settings.max_attempts - 1,
+            sleep,
+        )
+
+    def _attempt(self, method, path, params, parse, missing_ok):  # noqa: ANN001, ANN202
+        """One attempt, including any number of 429 waits (they are not faults)."""
+        waited = 0.0
+        while True:
+            self.limiter.acquire()
+            self.stats.add(requests=1)
+            try:
+                response = self._http.request(method, path, params=params)
+            except httpx.TransportError as error:
+                self.limiter.release()
+                raise TransientError(_describe_transport(error)) from None
+            received_ms = time.time_ns() // 1_000_000
+            self.limiter.observe(response.headers, received_ms)
+            status = response.status_code
+            if status == 429:
+                self.stats.add(rate_limited=1)
+                delay = self.limiter.delay_after_429(response.headers, received_ms)
+                delay += random.uniform(0, min(1.0, 0.1 + delay * 0.1))
+                waited += delay
+                if waited > self.settings.max_rate_limit_wait:
+                    raise ApiError(
+                        f"rate limited for over {self.settings.max_rate_limit_wait:.0f}s; "
+                        "progress is checkpointed, the next run resumes"
+                    )
+                log.info("rate limited (429); waiting %.2fs for the bucket to refill", delay)
+                time.sleep(delay)
+                continue
+            return self._interpret(response, status, parse, missing_ok), received_ms
+
+    def _interpret(self, response: httpx.Response, status: int, parse, missing_ok):  # noqa: ANN001, ANN202
+        should_retry = response.headers.get("x-should-retry")
+        if 200 <= status < 300:
+            try:
+                return parse(orjson.loads(response.content))
+            except (orjson.JSONDecodeError, ValueError, TypeError) as error:
+                raise TransientError(f"unusable {status} body: {error}") from None
+        detail = _error_detail(response)
+        if should_retry == "true":
+            raise TransientError(f"HTTP {status} {detail}")
+        if should_retry != "false" and (status >= 500 or status in (408, 409)):
+            raise TransientError(f"HTTP {status} {detail}")
+        if status in (401, 403):
+            raise AuthError(
+                f"the API rejected the key (HTTP {status}: {detail}); "
+                "check TRIGGER_SECRET_KEY and that it belongs to the right environment"
+            )
+        if status == 404 and missing_ok:
+            return None
+        if status in (400, 422):
+            raise QueryRejected(f"the API refused the request (HTTP {status}): {detail}")
+        raise ApiError(f"unexpected HTTP {status} from {response.request.url.path}: {detail}")
+
+
+def _parse_list_body(body: Any) -> tuple[list[dict[str, Any]], str | None]:
+    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        raise ValueError("response has no `data` list")
+    sessions = body["data"]
+    for session in sessions:
+        if not isinstance(session, dict) or not isinstance(session.get("id"), str):
+            raise ValueError("a session in `data` has no string `id`")
+        if not isinstance(session.get("createdAt"), str):
+            raise ValueError(f"session {session['id']} has no `createdAt`")
+    pagination = body.get("pagination") or {}
+    if not isinstance(pagination, dict):
+        raise ValueError("`pagination` is not an object")
+    next_cursor = pagination.get("next")
+    if next_cursor is not None and (not isinstance(next_cursor, str) or not next_cursor):
+        raise ValueError("`pagination.next` is not a string")
+    return sessions, next_cursor
+
+
+def _parse_session_body(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+        raise ValueError("response is not a session object")
+    return body
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """A short, key-free description of an error body (JSON `error`/`detail`/`details`)."""
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        text = response.text.strip().splitlines()
+        return (text[0][:120] if text else "empty body")
+    if not isinstance(body, dict):
+        return str(body)[:200]
+    parts = [str(body.get(k)) for k in ("error", "title", "detail") if body.get(k)]
+    for item in body.get("details") or []:
+        if isinstance(item, dict):
+            where = ".".join(str(p) for p in item.get("path") or [])
+            parts.append(f"{where}: {item.get('message')}" if where else str(item.get("message")))
+    return "; ".join(parts) or str(body)[:200]
+
+
+def _describe_transport(error: httpx.TransportError) -> str:
+    kind = type(error).__name__
+    text = str(error)
+    return f"{kind}: {text}" if text else kind

@@ -1,0 +1,72 @@
+"""Reading the dataset back: which files are where, and the latest version of each session."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.sink import DATASET_DIR
+from pipeline.storage import Storage, StoredFile
+
+_PARTITION_FILE = re.compile(
+    rf"^{DATASET_DIR}/created_date=(\d{{4}}-\d{{2}}-\d{{2}})/([^/]+\.parquet)$"
+)
+
+
+@dataclass(frozen=True)
+class DataFile:
+    path: str
+    partition: str
+    size: int
+
+
+def is_hidden(path: str) -> bool:
+    """Readers (Spark, Hive, DuckDB) skip any path part starting with `.` or `_`."""
+    return any(part.startswith((".", "_")) for part in path.split("/")[1:])
+
+
+def classify_files(storage: Storage) -> tuple[list[DataFile], list[StoredFile], list[StoredFile]]:
+    """Split everything under `sessions/` into (data files, hidden files, stray files)."""
+    data, hidden, stray = [], [], []
+    for stored in storage.list_files(DATASET_DIR):
+        if is_hidden(stored.path):
+            hidden.append(stored)
+            continue
+        match = _PARTITION_FILE.match(stored.path)
+        if match:
+            data.append(DataFile(stored.path, match.group(1), stored.size))
+        else:
+            stray.append(stored)
+    return data, hidden, stray
+
+
+def files_by_partition(storage: Storage) -> dict[str, list[DataFile]]:
+    grouped: dict[str, list[DataFile]] = {}
+    for data_file in classify_files(storage)[0]:
+        grouped.setdefault(data_file.partition, []).append(data_file)
+    return grouped
+
+
+def read_file(storage: Storage, path: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(storage.full_path(path), filesystem=storage.fs, columns=columns)
+
+
+def latest_versions(table: pa.Table) -> pa.Table:
+    """One row per id: greatest `updated_at` (null counts as oldest), then `extracted_at`."""
+    if table.num_rows == 0:
+        return table
+    order = pc.sort_indices(
+        table,
+        sort_keys=[("id", "ascending"), ("updated_at", "descending"),
+                   ("extracted_at", "descending")],
+        null_placement="at_end",
+    )
+    ordered = table.take(order)
+    ids = ordered["id"]
+    first = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+    keep = pa.concat_arrays([pa.array([True]), first.combine_chunks()])
+    return ordered.filter(keep)

@@ -1,0 +1,93 @@
+"""The Parquet sink: buffer flattened pages, write one file per touched partition per flush.
+
+Files are `sessions/created_date=YYYY-MM-DD/part-<run>-<seq>.parquet`, named only by run
+and flush number, so a resumed run that redoes a flush overwrites rather than duplicates.
+Each file is written whole, then made visible atomically by the storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.schema import PARTITION_KEY, SCHEMA
+from pipeline.storage import Storage
+
+DATASET_DIR = "sessions"
+_MS_PER_DAY = 86_400_000
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    path: str
+    partition: str
+    rows: int
+    bytes: int
+
+
+def partition_dir(day: str) -> str:
+    return f"{DATASET_DIR}/{PARTITION_KEY}={day}"
+
+
+def write_parquet(storage: Storage, path: str, table: pa.Table) -> int:
+    """Write `table` as one zstd Parquet file at `path`; returns its size in bytes."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(
+        table.cast(SCHEMA),
+        buffer,
+        compression="zstd",
+        write_statistics=True,
+        row_group_size=1_000_000,
+    )
+    data = buffer.getvalue()
+    storage.write_bytes(path, memoryview(data))
+    return data.size
+
+
+def split_by_day(table: pa.Table) -> list[tuple[str, pa.Table]]:
+    """Split rows by the UTC date of `created_at`, in date order."""
+    days = pc.divide(table["created_at"].cast(pa.int64()), _MS_PER_DAY)
+    parts = []
+    for day in sorted(pc.unique(days).to_pylist()):
+        label = pa.scalar(day * _MS_PER_DAY, pa.timestamp("ms")).as_py().date().isoformat()
+        parts.append((label, table.filter(pc.equal(days, day))))
+    return parts
+
+
+class ParquetSink:
+    """Collects tables until a flush writes them out, grouped by partition."""
+
+    def __init__(self, storage: Storage, run_id: str, flush_rows: int, flush_bytes: int) -> None:
+        self.storage = storage
+        self.run_id = run_id
+        self.flush_rows = flush_rows
+        self.flush_bytes = flush_bytes
+        self._tables: list[pa.Table] = []
+        self.pending_rows = 0
+        self.pending_bytes = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._tables.append(table)
+            self.pending_rows += table.num_rows
+            self.pending_bytes += table.nbytes
+
+    def should_flush(self) -> bool:
+        return self.pending_rows >= self.flush_rows or self.pending_bytes >= self.flush_bytes
+
+    def flush(self, seq: int) -> list[WrittenFile]:
+        """Write what is buffered as flush number `seq`; empty buffer writes nothing."""
+        if not self._tables:
+            return []
+        table = pa.concat_tables(self._tables)
+        self._tables = []
+        self.pending_rows = self.pending_bytes = 0
+        written = []
+        for day, part in split_by_day(table):
+            path = f"{partition_dir(day)}/part-{self.run_id}-{seq:05d}.parquet"
+            size = write_parquet(self.storage, path, part)
+            written.append(WrittenFile(path, day, part.num_rows, size))
+        return written
