@@ -110,6 +110,10 @@ def _keep(extras: Extras, index: int, key: str, value: Any, sub_key: str | None 
 def _build(column: Column, values: list[Any], extras: Extras) -> pa.Array:
     if column.kind == "json":
         return pa.array([None if v is None else dumps_json(v) for v in values], pa.string())
+    exact = _EXACT_TYPES.get(column.kind)
+    if exact is not None and not all(v is None or type(v) is exact for v in values):
+        # Arrow would split a string into characters, or truncate 5.5 to 5
+        return _build_slowly(column, values, extras)
     try:
         if column.kind == "timestamp":
             return pa.array(values, pa.string()).cast(TIMESTAMP)
@@ -135,6 +139,7 @@ def _build_slowly(column: Column, values: list[Any], extras: Extras) -> pa.Array
 
 
 _BAD = object()
+_EXACT_TYPES = {"string_list": list, "int32": int, "int64": int}
 _INT_RANGES = {"int32": 2**31, "int64": 2**63}
 
 

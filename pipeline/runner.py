@@ -165,9 +165,7 @@ class IncrementalRun:
                 iso_ms(window.from_ms) or "at any time",
                 iso_ms(window.to_ms),
             )
-        checkpoint = replace(checkpoint, in_progress=progress)
-        self.state.save(checkpoint)
-
+        # nothing is saved before the first flush: a run that fails early leaves no trace
         if not progress.walk_complete:
             progress = self._walk(checkpoint, progress)
         return self._finish(checkpoint, progress, time.monotonic() - started, resumed)

@@ -1,0 +1,51 @@
+"""Helpers for benchmarks: an emulator subprocess, child processes measured with wait4."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+KEY = "tr_dev_benchmark_key"
+
+
+@dataclass(frozen=True)
+class Measured:
+    seconds: float
+    peak_rss_mb: float
+    returncode: int
+    stdout: str
+
+
+@contextmanager
+def emulator(*flags: str) -> Iterator[str]:
+    """Run `sessions-export emulator` in its own process; yields its base URL."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "emulator", "--port", "0", *flags],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        line = process.stdout.readline() if process.stdout else ""
+        if "http://" not in line:
+            raise RuntimeError(f"emulator did not start: {line!r}")
+        yield "http://" + line.split("http://", 1)[1].split()[0]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def measure(command: list[str], env: dict[str, str] | None = None) -> Measured:
+    """Wall time and peak RSS of one child process (its own, via wait4)."""
+    full_env = {**os.environ, "TRIGGER_SECRET_KEY": KEY, **(env or {})}
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    output = process.stdout.read() if process.stdout else ""
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return Measured(seconds, usage.ru_maxrss / 1024, process.returncode, output)

@@ -1,0 +1,151 @@
+"""Shared fixtures: the real emulator over HTTP, the real CLI in a subprocess, Parquet read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.emulator import EmulatorConfig, start_in_thread
+
+KEY = "tr_dev_test_key_0123456789"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def emulator():
+    """Start an emulator with the given config overrides; stopped after the test."""
+    running = []
+
+    def start(**overrides):
+        config = replace(EmulatorConfig(), **{"rate_limit": False, **overrides})
+        handle = start_in_thread(config)
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        handle.stop()
+
+
+def run_cli(*args: str, url: str | None = None, key: str | None = KEY, timeout: float = 300,
+            env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIGGER_")}
+    if key is not None:
+        env["TRIGGER_SECRET_KEY"] = key
+    if url is not None:
+        env["TRIGGER_API_URL"] = url
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        env=env, text=True, capture_output=True, timeout=timeout, cwd=ROOT,
+    )
+
+
+def spawn_cli(*args: str, url: str, key: str = KEY) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIGGER_")}
+    env.update(TRIGGER_SECRET_KEY=key, TRIGGER_API_URL=url)
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+
+
+def emulator_sessions(url: str) -> list[dict]:
+    """Every session in the emulator, current state, with triggerConfig."""
+    with httpx.stream("GET", f"{url}/_emulator/sessions", timeout=120) as response:
+        response.raise_for_status()
+        return [json.loads(line) for line in response.iter_lines() if line.strip()]
+
+
+def emulator_stats(url: str) -> dict:
+    return httpx.get(f"{url}/_emulator/stats").json()
+
+
+def reset_stats(url: str) -> None:
+    httpx.post(f"{url}/_emulator/stats/reset").raise_for_status()
+
+
+def data_files(output: Path) -> list[Path]:
+    return sorted(p for p in (output / "sessions").rglob("*.parquet") if not p.name.startswith((".", "_")))
+
+
+def read_dataset(output: Path) -> pa.Table:
+    tables = []
+    for path in data_files(output):
+        table = pq.read_table(path)
+        partition = path.parent.name.split("=", 1)[1]
+        tables.append(table.append_column("created_date", pa.repeat(pa.scalar(partition), table.num_rows)))
+    return pa.concat_tables(tables)
+
+
+def latest_rows(table: pa.Table) -> dict[str, dict]:
+    """The latest version of each session, as dicts keyed by id."""
+    best: dict[str, dict] = {}
+    for row in table.to_pylist():
+        current = best.get(row["id"])
+        key = (row["updated_at"] is not None, row["updated_at"], row["extracted_at"])
+        if current is None or key > (current["updated_at"] is not None, current["updated_at"],
+                                     current["extracted_at"]):
+            best[row["id"]] = row
+    return best
+
+
+def iso(value) -> str | None:
+    if value is None:
+        return None
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+TOP = {"id": "id", "type": "type", "task_identifier": "taskIdentifier", "tags": "tags",
+       "external_id": "externalId", "current_run_id": "currentRunId",
+       "closed_reason": "closedReason"}
+TIMES = {"created_at": "createdAt", "updated_at": "updatedAt", "closed_at": "closedAt",
+         "expires_at": "expiresAt"}
+CONFIG = {"trigger_config_machine": "machine", "trigger_config_queue": "queue",
+          "trigger_config_tags": "tags", "trigger_config_max_attempts": "maxAttempts",
+          "trigger_config_max_duration": "maxDuration",
+          "trigger_config_lock_to_version": "lockToVersion", "trigger_config_region": "region",
+          "trigger_config_idle_timeout_in_seconds": "idleTimeoutInSeconds"}
+
+
+def assert_row_matches(row: dict, session: dict, with_config: bool = True) -> None:
+    """Field by field: strings, lists, JSON text parsed, timestamps to the millisecond."""
+    sid = session["id"]
+    for column, field in TOP.items():
+        assert row[column] == session.get(field), (sid, column)
+    for column, field in TIMES.items():
+        assert iso(row[column]) == session.get(field), (sid, column)
+    metadata = None if row["metadata"] is None else json.loads(row["metadata"])
+    assert metadata == session.get("metadata"), (sid, "metadata")
+    assert row["created_date"] == session["createdAt"][:10], (sid, "partition")
+    config = session.get("triggerConfig") if with_config else None
+    if config is None:
+        assert all(row[c] is None for c in CONFIG), sid
+        assert row["trigger_config_base_payload"] is None
+    else:
+        for column, field in CONFIG.items():
+            assert row[column] == config.get(field), (sid, column)
+        assert json.loads(row["trigger_config_base_payload"]) == config["basePayload"]
+    assert row["extra"] is None, (sid, row["extra"])
+
+
+def assert_dataset_equals(output: Path, sessions: list[dict], with_config: bool = True) -> dict:
+    latest = latest_rows(read_dataset(output))
+    assert set(latest) == {s["id"] for s in sessions}
+    for session in sessions:
+        assert_row_matches(latest[session["id"]], session, with_config)
+    return latest
+
+
+@pytest.fixture
+def output(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "out"
+    yield path
