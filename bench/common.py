@@ -26,7 +26,8 @@ def emulator(*flags: str) -> Iterator[str]:
     """Run `sessions-export emulator` in its own process; yields its base URL."""
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "emulator", "--port", "0", *flags],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         line = process.stdout.readline() if process.stdout else ""
@@ -42,8 +43,9 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> Measured:
     """Wall time and peak RSS of one child process (its own, via wait4)."""
     full_env = {**os.environ, "TRIGGER_SECRET_KEY": KEY, **(env or {})}
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     output = process.stdout.read() if process.stdout else ""
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started

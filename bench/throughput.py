@@ -21,15 +21,34 @@ HERE = Path(__file__).resolve().parent
 
 def run_size(sessions: int, repeat: int) -> dict[str, object]:
     bare, ours = [], []
-    with emulator("--sessions", str(sessions), "--seed", "1", "--no-rate-limit",
-                  "--list-trigger-config", "include") as url:
+    with emulator(
+        "--sessions",
+        str(sessions),
+        "--seed",
+        "1",
+        "--no-rate-limit",
+        "--list-trigger-config",
+        "include",
+    ) as url:
         for _ in range(repeat):
             result = measure([sys.executable, str(HERE / "bare_loop.py"), url])
             assert result.returncode == 0 and int(result.stdout) == sessions, result
             bare.append(result)
             with tempfile.TemporaryDirectory() as out:
-                result = measure([sys.executable, "-m", "pipeline", "run", "--api-url", url,
-                                  "--output", out, "--log-level", "warning"])
+                result = measure(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pipeline",
+                        "run",
+                        "--api-url",
+                        url,
+                        "--output",
+                        out,
+                        "--log-level",
+                        "warning",
+                    ]
+                )
                 assert result.returncode == 0 and f"{sessions} sessions" in result.stdout, result
                 ours.append(result)
     best_bare = min(r.seconds for r in bare)
@@ -56,8 +75,15 @@ def main() -> None:
         print(json.dumps(row))
     if len(rows) >= 2:
         growth = rows[-1]["export_peak_rss_mb"] / rows[0]["export_peak_rss_mb"] - 1
-        print(json.dumps({"export_rss_growth": round(growth, 3),
-                          "from": rows[0]["sessions"], "to": rows[-1]["sessions"]}))
+        print(
+            json.dumps(
+                {
+                    "export_rss_growth": round(growth, 3),
+                    "from": rows[0]["sessions"],
+                    "to": rows[-1]["sessions"],
+                }
+            )
+        )
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     (results / "throughput.json").write_text(json.dumps(rows, indent=2))

@@ -29,8 +29,17 @@ API_URL_ENV = "TRIGGER_API_URL"
 EXIT_VERIFY_FAILED = 6
 
 _COMMON = ("output", "state", "log_level", "log_format")
-_API = ("api_url", "connect_timeout", "read_timeout", "max_attempts", "backoff_initial",
-        "backoff_max", "allow_insecure_http", "flush_rows", "flush_bytes")
+_API = (
+    "api_url",
+    "connect_timeout",
+    "read_timeout",
+    "max_attempts",
+    "backoff_initial",
+    "backoff_max",
+    "allow_insecure_http",
+    "flush_rows",
+    "flush_bytes",
+)
 _FILTERS = {
     "type": "only sessions of this type (one value)",
     "task_identifier": "only sessions of this task (one value)",
@@ -59,17 +68,28 @@ def with_options(*names: str, filters: bool = False) -> Callable[[Callable], Cal
         for name in reversed(names):
             option = next(o for o in OPTIONS if o.name == name)
             if option.type is bool:
-                wrapper = click.option(_flag(name), name, is_flag=True, default=None,
-                                       help=option.help)(wrapper)
+                wrapper = click.option(
+                    _flag(name), name, is_flag=True, default=None, help=option.help
+                )(wrapper)
             else:
-                wrapper = click.option(_flag(name), name, type=option.type, default=None,
-                                       help=f"{option.help} [default: {option.default}]"
-                                       if option.default is not None else option.help)(wrapper)
+                wrapper = click.option(
+                    _flag(name),
+                    name,
+                    type=option.type,
+                    default=None,
+                    help=f"{option.help} [default: {option.default}]"
+                    if option.default is not None
+                    else option.help,
+                )(wrapper)
         if filters:
             for name, text in reversed(_FILTERS.items()):
                 wrapper = click.option(_flag(name), name, default=None, help=text)(wrapper)
-        return click.option("--config", "config", type=click.Path(dir_okay=False),
-                            help="TOML config file (see configs/); flags win over it")(wrapper)
+        return click.option(
+            "--config",
+            "config",
+            type=click.Path(dir_okay=False),
+            help="TOML config file (see configs/); flags win over it",
+        )(wrapper)
 
     return decorate
 
@@ -116,8 +136,12 @@ def cli() -> None:
 
 @cli.command()
 @with_options(*_COMMON, *_API, "lookback", filters=True)
-@click.option("--full-refresh", is_flag=True, help="re-walk the whole history, ignoring the checkpoint")
-@click.option("--compact", "compact_after", is_flag=True, help="compact the partitions this run touched")
+@click.option(
+    "--full-refresh", is_flag=True, help="re-walk the whole history, ignoring the checkpoint"
+)
+@click.option(
+    "--compact", "compact_after", is_flag=True, help="compact the partitions this run touched"
+)
 def run(settings: Settings, full_refresh: bool, compact_after: bool) -> None:
     """Incremental export: resume an interrupted run, else export everything created since
     the checkpoint's high-water mark minus the lookback. The first run exports all history."""

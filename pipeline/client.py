@@ -278,7 +278,7 @@ def _error_detail(response: httpx.Response) -> str:
         body = orjson.loads(response.content)
     except orjson.JSONDecodeError:
         text = response.text.strip().splitlines()
-        return (text[0][:120] if text else "empty body")
+        return text[0][:120] if text else "empty body"
     if not isinstance(body, dict):
         return str(body)[:200]
     parts = [str(body.get(k)) for k in ("error", "title", "detail") if body.get(k)]

@@ -56,8 +56,9 @@ def compact(output: Storage, compact_id: str, only: Iterable[str] | None = None)
         table = pa.concat_tables([read_file(output, f.path).cast(SCHEMA) for f in files])
         latest = latest_versions(table)
         target = f"{partition_dir(partition)}/{COMPACT_PREFIX}{compact_id}-00000.parquet"
-        write_parquet(output, target, latest.sort_by([("created_at", "descending"),
-                                                      ("id", "descending")]))
+        write_parquet(
+            output, target, latest.sort_by([("created_at", "descending"), ("id", "descending")])
+        )
         for data_file in files:
             if data_file.path != target:
                 output.delete(data_file.path)

@@ -31,21 +31,37 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("api_url", str, None, "API base URL (else $TRIGGER_API_URL, else https://api.trigger.dev)"),
+    Option(
+        "api_url", str, None, "API base URL (else $TRIGGER_API_URL, else https://api.trigger.dev)"
+    ),
     Option("output", str, "output/", "where the dataset goes: a directory, s3://… or gs://…"),
     Option("state", str, None, "where the checkpoint and lock live (default <output>/_state/)"),
     Option("flush_rows", int, 50_000, "rows buffered before a flush and its checkpoint"),
     Option("flush_bytes", int, 128 * 1024 * 1024, "buffered Arrow bytes that also force a flush"),
-    Option("lookback", str, "15m", "incremental runs re-read sessions created this long before the high-water mark"),
+    Option(
+        "lookback",
+        str,
+        "15m",
+        "incremental runs re-read sessions created this long before the high-water mark",
+    ),
     Option("connect_timeout", float, 10.0, "seconds to establish a connection"),
     Option("read_timeout", float, 60.0, "seconds to wait for a response"),
-    Option("max_attempts", int, 6, "attempts per request on faults (5xx, resets, timeouts); 429 waits do not count"),
-    Option("backoff_initial", float, 0.5, "first retry delay scale, seconds (exponential, full jitter)"),
+    Option(
+        "max_attempts",
+        int,
+        6,
+        "attempts per request on faults (5xx, resets, timeouts); 429 waits do not count",
+    ),
+    Option(
+        "backoff_initial", float, 0.5, "first retry delay scale, seconds (exponential, full jitter)"
+    ),
     Option("backoff_max", float, 30.0, "cap of one retry delay, seconds"),
     Option("allow_insecure_http", bool, False, "allow plain http:// to a non-loopback API host"),
     Option("concurrency", int, 8, "backfill: windows walked at once"),
     Option("log_level", str, "info", "debug, info, warning or error"),
-    Option("log_format", str, "auto", "text, json, or auto (text on a terminal, JSON lines otherwise)"),
+    Option(
+        "log_format", str, "auto", "text, json, or auto (text on a terminal, JSON lines otherwise)"
+    ),
 )
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -105,7 +121,9 @@ def read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
                 fname = fkey.replace("-", "_")
                 fwhere = f"{path}:{_line_of(text, fkey)}"
                 if fname not in FILTER_NAMES:
-                    raise UsageError(f"{fwhere}: unknown filter {fkey!r}{_suggest(fname, FILTER_NAMES)}")
+                    raise UsageError(
+                        f"{fwhere}: unknown filter {fkey!r}{_suggest(fname, FILTER_NAMES)}"
+                    )
                 if not isinstance(fvalue, str):
                     raise UsageError(f"{fwhere}: filter {fkey!r} takes one string value")
                 filters[fname] = check_filter(fname, fvalue, f"{fwhere}: filter {fkey!r}")
@@ -167,7 +185,9 @@ def _check_values(values: dict[str, Any]) -> None:
             raise UsageError(f"{name} must be positive, got {values[name]}")
     parse_duration_ms(values["lookback"], "lookback")
     if values["log_level"].lower() not in ("debug", "info", "warning", "error"):
-        raise UsageError(f"log_level must be debug, info, warning or error, got {values['log_level']!r}")
+        raise UsageError(
+            f"log_level must be debug, info, warning or error, got {values['log_level']!r}"
+        )
     if values["log_format"] not in ("auto", "text", "json"):
         raise UsageError(f"log_format must be auto, text or json, got {values['log_format']!r}")
 

@@ -61,8 +61,11 @@ def latest_versions(table: pa.Table) -> pa.Table:
         return table
     order = pc.sort_indices(
         table,
-        sort_keys=[("id", "ascending"), ("updated_at", "descending"),
-                   ("extracted_at", "descending")],
+        sort_keys=[
+            ("id", "ascending"),
+            ("updated_at", "descending"),
+            ("extracted_at", "descending"),
+        ],
         null_placement="at_end",
     )
     ordered = table.take(order)

@@ -28,8 +28,11 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def _prepare_output() -> None:
-    existing = [p for p in OUTPUT.iterdir() if p.name not in (".gitkeep", ".demo")] \
-        if OUTPUT.exists() else []
+    existing = (
+        [p for p in OUTPUT.iterdir() if p.name not in (".gitkeep", ".demo")]
+        if OUTPUT.exists()
+        else []
+    )
     if existing and not MARKER.exists():
         sys.exit(f"demo: {OUTPUT}/ holds an export that is not the demo's; move it away first")
     for name in ("sessions", "_runs", "_state"):
@@ -41,10 +44,25 @@ def _prepare_output() -> None:
 def main() -> None:
     _prepare_output()
     emulator = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "emulator", "--port", "0", "--sessions",
-         str(SESSIONS), "--seed", "7", "--days", "45", "--list-trigger-config", "include",
-         "--no-rate-limit"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "emulator",
+            "--port",
+            "0",
+            "--sessions",
+            str(SESSIONS),
+            "--seed",
+            "7",
+            "--days",
+            "45",
+            "--list-trigger-config",
+            "include",
+            "--no-rate-limit",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         line = emulator.stdout.readline() if emulator.stdout else ""
@@ -56,8 +74,16 @@ def main() -> None:
         env = {**os.environ, "TRIGGER_SECRET_KEY": DEMO_KEY, "TRIGGER_API_URL": url}
         for label in ("first run (whole history)", "second run (nothing new)"):
             started = time.monotonic()
-            result = _cli("run", "--output", str(OUTPUT), "--log-format", "text",
-                          "--log-level", "warning", env=env)
+            result = _cli(
+                "run",
+                "--output",
+                str(OUTPUT),
+                "--log-format",
+                "text",
+                "--log-level",
+                "warning",
+                env=env,
+            )
             if result.returncode != 0:
                 sys.stderr.write(result.stderr)
                 sys.exit(f"demo: the export failed with exit {result.returncode}")
@@ -80,8 +106,10 @@ def _summary() -> None:
         f"{first['seconds']:.1f}s, {first['requests']} requests, {first['retries']} retries "
         f"(first run); dataset in {OUTPUT}/sessions/"
     )
-    print("query it:  duckdb -c \"SELECT count(*) FROM read_parquet('output/sessions/*/*.parquet',"
-          " hive_partitioning=true)\"")
+    print(
+        "query it:  duckdb -c \"SELECT count(*) FROM read_parquet('output/sessions/*/*.parquet',"
+        ' hive_partitioning=true)"'
+    )
 
 
 if __name__ == "__main__":

@@ -128,7 +128,9 @@ def _build_slowly(column: Column, values: list[Any], extras: Extras) -> pa.Array
         good = _convert(column, value)
         if good is _BAD:
             if not column.nullable:
-                raise MalformedSession(f"session field {column.source_label!r} is invalid: {value!r}")
+                raise MalformedSession(
+                    f"session field {column.source_label!r} is invalid: {value!r}"
+                )
             if column.in_trigger_config:
                 _keep(extras, index, TRIGGER_CONFIG, value, column.source)
             else:

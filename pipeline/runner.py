@@ -145,13 +145,15 @@ class IncrementalRun:
                 progress.rows,
             )
             if progress.filters != self.options.filters:
-                log.warning("the interrupted run used filters %s; finishing it with those",
-                            progress.filters)
+                log.warning(
+                    "the interrupted run used filters %s; finishing it with those", progress.filters
+                )
             progress = replace(progress, resumed=progress.resumed + 1)
         else:
             now = self.clock()
-            window = plan_window(checkpoint, now, self.options.lookback_ms,
-                                 self.options.full_refresh)
+            window = plan_window(
+                checkpoint, now, self.options.lookback_ms, self.options.full_refresh
+            )
             progress = RunProgress(
                 run_id=new_run_id(now),
                 mode=self.mode,
@@ -171,8 +173,9 @@ class IncrementalRun:
         return self._finish(checkpoint, progress, time.monotonic() - started, resumed)
 
     def _walk(self, checkpoint: Checkpoint, progress: RunProgress) -> RunProgress:
-        sink = ParquetSink(self.output, progress.run_id, self.options.flush_rows,
-                           self.options.flush_bytes)
+        sink = ParquetSink(
+            self.output, progress.run_id, self.options.flush_rows, self.options.flush_bytes
+        )
         stats = self.client.stats
         base = (stats.requests, stats.retries, stats.rate_limited)
         window, filters = progress.window, progress.filters
@@ -184,7 +187,7 @@ class IncrementalRun:
         max_created = progress.max_created_ms
 
         def commit(cursor: str | None, complete: bool) -> RunProgress:
-            nonlocal pages, rows
+            nonlocal pages, rows, base
             written = sink.flush(progress.flush_seq)
             updated = progress.after_flush(
                 cursor=cursor,
@@ -199,9 +202,15 @@ class IncrementalRun:
                 files=progress.files + tuple(f.path for f in written),
             )
             self.state.save(replace(checkpoint, in_progress=updated))
-            log.info("flush %d: %d files, %d sessions so far, cursor %s", progress.flush_seq,
-                     len(written), updated.rows, cursor or "end")
+            log.info(
+                "flush %d: %d files, %d sessions so far, cursor %s",
+                progress.flush_seq,
+                len(written),
+                updated.rows,
+                cursor or "end",
+            )
             pages = rows = 0
+            base = (stats.requests, stats.retries, stats.rate_limited)
             return updated
 
         for page in prefetched(walk_pages(fetch, progress.cursor)):

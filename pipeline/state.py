@@ -77,8 +77,11 @@ class Checkpoint:
                     "files": tuple(progress.get("files", ())),
                 }
             )
-        known = {k: raw[k] for k in ("high_water_ms", "last_run_id", "last_success_ms", "filters")
-                 if k in raw}
+        known = {
+            k: raw[k]
+            for k in ("high_water_ms", "last_run_id", "last_success_ms", "filters")
+            if k in raw
+        }
         return Checkpoint(**known, in_progress=progress, version=raw.get("version", 1))
 
 

@@ -39,8 +39,11 @@ class VerifyReport:
             f"verify: {self.files} files, {self.partitions} partitions, {self.rows} rows, "
             f"{self.sessions} sessions: {'OK' if self.ok else f'{len(self.problems)} problems'}"
         )
-        return [head, *(f"  problem: {p}" for p in self.problems),
-                *(f"  note: {n}" for n in self.notes)]
+        return [
+            head,
+            *(f"  problem: {p}" for p in self.problems),
+            *(f"  note: {n}" for n in self.notes),
+        ]
 
 
 def verify(output: Storage, strict: bool = False) -> VerifyReport:
@@ -70,8 +73,11 @@ def verify(output: Storage, strict: bool = False) -> VerifyReport:
             report.problems.append(
                 f"{data_file.path} holds rows created on {', '.join(sorted(days))}"
             )
-        keys.append(table.select(_KEY_COLUMNS).append_column(
-            "partition", pa.repeat(pa.scalar(data_file.partition), table.num_rows)))
+        keys.append(
+            table.select(_KEY_COLUMNS).append_column(
+                "partition", pa.repeat(pa.scalar(data_file.partition), table.num_rows)
+            )
+        )
     report.partitions = len(partitions)
     if keys:
         _check_duplicates(pa.concat_tables(keys), report, strict)
@@ -79,16 +85,12 @@ def verify(output: Storage, strict: bool = False) -> VerifyReport:
 
 
 def _check_duplicates(keys: pa.Table, report: VerifyReport, strict: bool) -> None:
-    per_id = keys.group_by("id").aggregate(
-        [("id", "count"), ("partition", "count_distinct")]
-    )
+    per_id = keys.group_by("id").aggregate([("id", "count"), ("partition", "count_distinct")])
     report.sessions = per_id.num_rows
     split = pc.sum(pc.greater(per_id["partition_count_distinct"], 1)).as_py() or 0
     if split:
         report.problems.append(f"{split} session id(s) appear in more than one partition")
-    versions = keys.group_by(["id", "updated_at", "extracted_at"]).aggregate(
-        [("id", "count")]
-    )
+    versions = keys.group_by(["id", "updated_at", "extracted_at"]).aggregate([("id", "count")])
     repeated = pc.sum(pc.greater(versions["id_count"], 1)).as_py() or 0
     if repeated:
         report.problems.append(f"{repeated} session version(s) are stored more than once")

@@ -149,3 +149,11 @@ def assert_dataset_equals(output: Path, sessions: list[dict], with_config: bool 
 def output(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "out"
     yield path
+
+
+def api(url: str, method: str, path: str, body: dict | None = None) -> dict:
+    """Change data through the emulator's real API shape (as a user of Trigger.dev would)."""
+    response = httpx.request(method, f"{url}/api/v1/sessions{path}", json=body,
+                             headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert response.status_code in (200, 201), response.text
+    return response.json()

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from pipeline.schema import SCHEMA
 from tests.conftest import (
+    api,
     assert_dataset_equals,
     data_files,
     emulator_sessions,
@@ -42,7 +43,7 @@ def test_partitions_follow_created_date_and_duckdb_reads_them(emulator, output):
     emu = emulator(sessions=800, seed=5, days=10, list_trigger_config="include")
     assert run_cli("run", "--output", str(output), url=emu.url).returncode == 0
     glob = str(output / "sessions" / "*" / "*.parquet")
-    wrong, total = duckdb.sql(
+    wrong, total = duckdb.connect().execute(
         f"SELECT count(*) FILTER (WHERE created_date <> CAST(created_at AT TIME ZONE 'UTC' AS DATE)),"
         f" count(*) FROM read_parquet('{glob}', hive_partitioning = true)"
     ).fetchone()
@@ -88,7 +89,8 @@ def test_new_sessions_are_picked_up_by_the_next_run(emulator, output):
     emu = emulator(sessions=400, seed=8)
     assert run_cli("run", "--output", str(output), url=emu.url).returncode == 0
     for n in range(30):
-        emu.create_session(type="chat.agent", taskIdentifier="late", externalId=f"late-{n}")
+        api(emu.url, "POST", "", {"type": "chat.agent", "taskIdentifier": "late",
+                                  "externalId": f"late-{n}"})
     second = run_cli("run", "--output", str(output), url=emu.url)
     assert second.returncode == 0, second.stderr
     assert_dataset_equals(output, emulator_sessions(emu.url), with_config=False)
@@ -166,7 +168,7 @@ def test_compact_keeps_the_latest_version_of_each_session(emulator, output):
     assert run_cli("run", "--output", str(output), "--lookback", "60d", url=emu.url).returncode == 0
     sessions = emulator_sessions(emu.url)
     for session in sessions[:40]:
-        emu.update_session(session["id"], metadata={"changed": True, "by": "test"})
+        api(emu.url, "PATCH", f"/{session['id']}", {"metadata": {"changed": True, "by": "test"}})
     assert run_cli("run", "--output", str(output), "--lookback", "60d", url=emu.url).returncode == 0
     before = read_dataset(output).num_rows
     assert before == 1000  # the 60-day lookback re-read everything: two versions each

@@ -13,8 +13,9 @@ PUBLIC_PREFIX = "session_"
 
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 _CHUNK = 36**3
-# Three base36 digits per lookup keeps id building to a few divmods.
-_TRIPLES = tuple(a + b + c for a in _DIGITS for b in _DIGITS for c in _DIGITS)
+# Whole base36 groups by table lookup: ids are built for every row served, so divmods count.
+_PAIRS = tuple(a + b for a in _DIGITS for b in _DIGITS)
+_TRIPLES = tuple(a + b for a in _DIGITS for b in _PAIRS)
 _MASK64 = (1 << 64) - 1
 _RANDOM_SPACE = 36**12
 
@@ -53,5 +54,24 @@ def random_part(bits: int) -> str:
 
 
 def cuid_for(key: int, bits: int) -> str:
+    """The 25-character id: `c` + base36(ms, 8) + base36(counter, 4) + random_part(bits)."""
     ms, counter = divmod(key, COUNTER_SPACE)
-    return "c" + base36(ms, 8) + base36(counter, 4) + random_part(bits)
+    ms_high, ms_low = divmod(ms, _CHUNK)
+    ms_top, ms_mid = divmod(ms_high, _CHUNK)
+    counter_top, counter_low = divmod(counter, _CHUNK)
+    rest, r4 = divmod(bits % _RANDOM_SPACE, _CHUNK)
+    rest, r3 = divmod(rest, _CHUNK)
+    r1, r2 = divmod(rest, _CHUNK)
+    triples = _TRIPLES
+    return (
+        "c"
+        + _PAIRS[ms_top % 1296]
+        + triples[ms_mid]
+        + triples[ms_low]
+        + _DIGITS[counter_top]
+        + triples[counter_low]
+        + triples[r1]
+        + triples[r2]
+        + triples[r3]
+        + triples[r4]
+    )

@@ -61,22 +61,33 @@ def generate_population(count: int, seed: int, days: float, anchor_ms: int) -> P
     rng = random.Random(f"trigger-sessions-emulator:{seed}")
     pools = build_pools(rng)
     start_ms = anchor_ms - int(days * DAY_MS)
-    times = _created_times(rng, count, start_ms, anchor_ms)
-    keys = _keys(rng, times)
-    del times
-    pair_weights = [weight for *_, weight in TYPE_TASKS]
-    pair_codes = array("B", rng.choices(range(len(TYPE_TASKS)), pair_weights, k=count))
-    combo_codes = array("H", [rng.randrange(len(pools.tag_combos)) for _ in range(count)])
-    external_codes = array(
-        "B", rng.choices(range(len(EXTERNAL_ID_TEMPLATES)), EXTERNAL_ID_WEIGHTS, k=count)
-    )
+    keys = _keys(rng, _created_times(rng, count, start_ms, anchor_ms))
+    draw = rng.random
+    pair_table = _weighted_table([weight for *_, weight in TYPE_TASKS])
+    external_table = _weighted_table(list(EXTERNAL_ID_WEIGHTS))
+    combos = len(pools.tag_combos)
+    pair_codes = array("B", [pair_table[int(draw() * 100)] for _ in range(count)])
+    combo_codes = array("H", [int(draw() * combos) for _ in range(count)])
+    external_codes = array("B", [external_table[int(draw() * 100)] for _ in range(count)])
     return Population(seed, anchor_ms, keys, pair_codes, combo_codes, external_codes, pools)
 
 
+def _weighted_table(weights: list[int]) -> tuple[int, ...]:
+    """100 slots filled in proportion to `weights`: a weighted draw is one lookup."""
+    total = sum(weights)
+    table: list[int] = []
+    for code, weight in enumerate(weights):
+        table.extend([code] * round(100 * weight / total))
+    table.extend([table[-1]] * (100 - len(table)))
+    return tuple(table[:100])
+
+
 def _created_times(rng: random.Random, count: int, start_ms: int, end_ms: int) -> list[int]:
+    """Ascending createdAt values spread over [start, end], with same-millisecond clusters."""
     draw = rng.random
-    span = end_ms - start_ms + 1
-    times = sorted([start_ms + int(draw() * span) for _ in range(count)])
+    step = (end_ms - start_ms + 1) / max(count, 1)
+    # One uniform draw inside each of `count` equal strata: ascending without a sort.
+    times = [start_ms + int((index + draw()) * step) for index in range(count)]
     index = 0
     while index < count:
         if draw() < CLUSTER_PROBABILITY:
@@ -101,18 +112,16 @@ def _created_times(rng: random.Random, count: int, start_ms: int, end_ms: int) -
 
 
 def _keys(rng: random.Random, times: list[int]) -> array:
-    counter = rng.randrange(COUNTER_SPACE)
-    keys = array("q")
-    append = keys.append
-    previous = -1
-    for ms in times:
-        key = ms * COUNTER_SPACE + counter
-        if key <= previous:  # same millisecond and the counter wrapped: stay strictly ascending
-            key = previous + 1
-        append(key)
-        previous = key
-        counter = counter + 1 if counter + 1 < COUNTER_SPACE else 0
-    return keys
+    """Keys from a counter that increments per session, as cuid's counter does."""
+    first = rng.randrange(COUNTER_SPACE)
+    space = COUNTER_SPACE
+    keys = [ms * space + (first + index) % space for index, ms in enumerate(times)]
+    # Order can only break where the counter wraps to 0 inside one millisecond.
+    for index in range((space - first) % space or space, len(keys), space):
+        while 0 < index < len(keys) and keys[index] <= keys[index - 1]:
+            keys[index] = keys[index - 1] + 1
+            index += 1
+    return array("q", keys)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,3 @@
+from pipeline.emulator.cli import emulator_command
+
+emulator_command()
