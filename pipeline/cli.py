@@ -122,7 +122,21 @@ def make_client(settings: Settings, concurrency: int = 1):  # noqa: ANN201
     return TriggerClient(client_settings, key)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """Loads the emulator (and its web server) only when it is asked for: exports stay lean."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "emulator"])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "emulator":
+            from pipeline.emulator.cli import emulator_command
+
+            return emulator_command
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="trigger-sessions-export")
 def cli() -> None:
     """Export Trigger.dev sessions into hive-partitioned Parquet.
@@ -146,6 +160,9 @@ def run(settings: Settings, full_refresh: bool, compact_after: bool) -> None:
     """Incremental export: resume an interrupted run, else export everything created since
     the checkpoint's high-water mark minus the lookback. The first run exports all history."""
     from pipeline.runner import IncrementalRun, RunOptions
+    from pipeline.sink import use_lean_memory_pool
+
+    use_lean_memory_pool()
 
     options = RunOptions(
         filters=settings.filters,
@@ -226,15 +243,6 @@ def state_reset(settings: Settings, yes: bool) -> None:
     click.echo(f"checkpoint cleared in {store.storage.uri}")
 
 
-def _attach_emulator() -> None:
-    try:
-        from pipeline.emulator.cli import emulator_command
-    except ImportError:  # pragma: no cover - the emulator ships with the package
-        return
-    cli.add_command(emulator_command)
-
-
-_attach_emulator()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -73,3 +73,32 @@ def latest_versions(table: pa.Table) -> pa.Table:
     first = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
     keep = pa.concat_arrays([pa.array([True]), first.combine_chunks()])
     return ordered.filter(keep)
+
+
+def version_keys(table: pa.Table) -> pa.ChunkedArray:
+    """`id|updated_at-ms` for each row: what identifies one version of a session."""
+    updated = pc.cast(table["updated_at"].cast(pa.int64()), pa.string())
+    return pc.binary_join_element_wise(table["id"], pc.fill_null(updated, "null"), "|")
+
+
+def known_versions(storage: Storage, from_ms: int, to_ms: int, skip_run: str) -> pa.Array:
+    """Version keys already stored in the partitions a window touches.
+
+    Files of `skip_run` are left out: a resumed run rewrites those under the same names,
+    so their rows must be written again, not skipped.
+    """
+    first = _day_of(from_ms)
+    last = _day_of(to_ms)
+    keys = []
+    for data_file in classify_files(storage)[0]:
+        if not first <= data_file.partition <= last or f"-{skip_run}-" in data_file.path:
+            continue
+        table = read_file(storage, data_file.path, columns=["id", "created_at", "updated_at"])
+        keys.extend(version_keys(table).chunks)
+    if not keys:
+        return pa.array([], pa.string())
+    return pc.unique(pa.chunked_array(keys, pa.string()).combine_chunks())
+
+
+def _day_of(epoch_ms: int) -> str:
+    return pa.scalar(epoch_ms, pa.timestamp("ms")).as_py().date().isoformat()

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 import pyarrow.compute as pc
 
 from pipeline.client import PAGE_SIZE, TriggerClient
+from pipeline.dataset import known_versions, version_keys
 from pipeline.errors import ApiError
 from pipeline.flatten import MalformedSession, flatten_sessions
 from pipeline.manifest import RunManifest, iso_ms
@@ -49,8 +50,8 @@ FILTER_PARAMS = {
 class RunOptions:
     filters: dict[str, str] = field(default_factory=dict)
     lookback_ms: int = 15 * 60 * 1000
-    flush_rows: int = 50_000
-    flush_bytes: int = 128 * 1024 * 1024
+    flush_rows: int = 25_000
+    flush_bytes: int = 64 * 1024 * 1024
     full_refresh: bool = False
 
 
@@ -60,6 +61,7 @@ class RunSummary:
     mode: str
     window: Window
     rows: int
+    unchanged: int
     pages: int
     requests: int
     retries: int
@@ -73,7 +75,8 @@ class RunSummary:
         window = f"{iso_ms(self.window.from_ms) or 'beginning'} .. {iso_ms(self.window.to_ms)}"
         return (
             f"run {self.run_id} ({self.mode}{', resumed' if self.resumed else ''}) done: "
-            f"{self.rows} sessions, {self.partitions} partitions, {self.files} files, "
+            f"{self.rows} sessions ({self.unchanged} unchanged skipped), "
+            f"{self.partitions} partitions, {self.files} files, "
             f"{self.pages} pages, {self.requests} requests, {self.retries} retries, "
             f"{self.rate_limited} rate-limited, {self.seconds:.1f}s; window {window}"
         )
@@ -183,17 +186,22 @@ class IncrementalRun:
         def fetch(cursor: str | None):  # noqa: ANN202
             return self.client.list_sessions(list_params(window, filters, cursor))
 
-        pages = rows = 0
+        pages = rows = unchanged = 0
         max_created = progress.max_created_ms
+        # a re-read window (lookback) writes only versions the dataset does not hold yet
+        known = None
+        if window.from_ms is not None and window.to_ms is not None:
+            known = known_versions(self.output, window.from_ms, window.to_ms, progress.run_id)
 
         def commit(cursor: str | None, complete: bool) -> RunProgress:
-            nonlocal pages, rows, base
+            nonlocal pages, rows, unchanged, base
             written = sink.flush(progress.flush_seq)
             updated = progress.after_flush(
                 cursor=cursor,
                 flush_seq=progress.flush_seq + 1,
                 walk_complete=complete,
                 rows=progress.rows + rows,
+                unchanged=progress.unchanged + unchanged,
                 pages=progress.pages + pages,
                 requests=progress.requests + stats.requests - base[0],
                 retries=progress.retries + stats.retries - base[1],
@@ -209,7 +217,7 @@ class IncrementalRun:
                 updated.rows,
                 cursor or "end",
             )
-            pages = rows = 0
+            pages = rows = unchanged = 0
             base = (stats.requests, stats.retries, stats.rate_limited)
             return updated
 
@@ -218,12 +226,16 @@ class IncrementalRun:
                 table = flatten_sessions(page.sessions, page.received_at_ms, progress.run_id)
             except MalformedSession as error:
                 raise ApiError(f"the API returned an unusable session: {error}") from None
-            sink.add(table)
             pages += 1
-            rows += table.num_rows
             if table.num_rows:
                 newest = pc.max(table["created_at"]).value
                 max_created = newest if max_created is None else max(max_created, newest)
+            if known is not None and len(known) and table.num_rows:
+                fresh = pc.invert(pc.is_in(version_keys(table), value_set=known))
+                unchanged += table.num_rows - pc.sum(fresh).as_py()
+                table = table.filter(fresh)
+            sink.add(table)
+            rows += table.num_rows
             if sink.should_flush():
                 progress = commit(page.next_cursor, page.next_cursor is None)
         if not progress.walk_complete:
@@ -257,7 +269,7 @@ class IncrementalRun:
             files=list(progress.files),
             partitions=partitions,
             high_water=iso_ms(high_water),
-            extra={},
+            extra={"unchanged_skipped": progress.unchanged},
         )
         manifest.write(self.output)
         self.state.save(
@@ -274,6 +286,7 @@ class IncrementalRun:
             mode=progress.mode,
             window=progress.window,
             rows=progress.rows,
+            unchanged=progress.unchanged,
             pages=progress.pages,
             requests=progress.requests,
             retries=progress.retries,

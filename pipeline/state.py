@@ -39,6 +39,7 @@ class RunProgress:
     flush_seq: int = 0
     walk_complete: bool = False
     rows: int = 0
+    unchanged: int = 0  # rows re-read in the lookback whose version was already stored
     pages: int = 0
     requests: int = 0
     retries: int = 0
