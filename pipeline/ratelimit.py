@@ -111,7 +111,8 @@ class RateLimiter:
             return
         if self.refill is None or self.interval_ms is None:
             # unknown refill: let one request through to read the new `remaining`
-            if self._probed_reset != self.reset_ms:
+            # (again, if the probe's answer carried no headers: nothing else would wake us)
+            if self._probed_reset != self.reset_ms or self.in_flight == 0:
                 self._probed_reset = self.reset_ms
                 self.available = max(1, self.available or 0)
             return
