@@ -31,3 +31,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+## An export through injected faults and a tight rate limit, next to a clean one.
+bench-faults: $(STAMP)
+	$(BIN)/python -m bench.faults

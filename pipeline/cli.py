@@ -136,7 +136,10 @@ class _Commands(click.Group):
         return super().get_command(ctx, name)
 
 
-@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=_Commands,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(package_name="trigger-sessions-export")
 def cli() -> None:
     """Export Trigger.dev sessions into hive-partitioned Parquet.
@@ -241,8 +244,6 @@ def state_reset(settings: Settings, yes: bool) -> None:
     with store.lock(_holder()):
         store.reset()
     click.echo(f"checkpoint cleared in {store.storage.uri}")
-
-
 
 
 def main(argv: list[str] | None = None) -> None:
