@@ -57,9 +57,8 @@ class Reply:
     headers: Headers = field(default_factory=list)
 
 
-def json_reply(status: int, payload: Any, *, pretty: bool = False) -> Reply:
-    option = orjson.OPT_INDENT_2 if pretty else 0
-    return Reply(status, orjson.dumps(payload, option=option))
+def json_reply(status: int, payload: Any) -> Reply:
+    return Reply(status, orjson.dumps(payload))
 
 
 def _problem(status: int, title: str, detail: str, **extra: Any) -> Reply:
@@ -121,6 +120,8 @@ def _bearer_key(authorization: str) -> str:
 
 
 class EmulatorApp:
+    """The ASGI callable; holds the store, the limiter, the fault draws and the counters."""
+
     def __init__(
         self,
         config: EmulatorConfig,
@@ -189,7 +190,8 @@ class EmulatorApp:
         if fault is Fault.TRUNCATE and 200 <= reply.status < 300:
             reply = Reply(reply.status, reply.body[: len(reply.body) // 2], reply.content_type)
         if fault is Fault.RESET:
-            await _send_partial(send, reply, decision.headers())
+            cut = self.faults.reset_cut(len(reply.body))
+            await _send_partial(send, reply, cut, decision.headers())
             raise DroppedConnection
         await self._finish(send, reply, decision)
 
@@ -358,13 +360,13 @@ async def _send(send: Send, reply: Reply, extra: Headers | None = None) -> None:
     await send({"type": "http.response.body", "body": reply.body})
 
 
-async def _send_partial(send: Send, reply: Reply, extra: Headers) -> None:
-    """Promise the whole body, deliver half: the client sees the connection drop."""
+async def _send_partial(send: Send, reply: Reply, cut: int, extra: Headers) -> None:
+    """Promise the whole body, deliver `cut` bytes: the client sees the connection drop."""
     await send(_start(reply, len(reply.body), extra))
     await send(
         {
             "type": "http.response.body",
-            "body": reply.body[: len(reply.body) // 2],
+            "body": reply.body[:cut],
             "more_body": True,
         }
     )

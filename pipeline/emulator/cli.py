@@ -150,5 +150,7 @@ def emulator_command(
             **options,  # type: ignore[arg-type]
         )
         serve(config, announce=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a foreground emulator is meant to stop
     except (ValueError, OSError) as error:
         raise click.UsageError(str(error)) from error

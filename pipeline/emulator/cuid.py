@@ -7,17 +7,20 @@ comparing two ids as strings compares their keys first, exactly like upstream's 
 
 from __future__ import annotations
 
+import random
+
 COUNTER_SPACE = 36**4
 ID_LENGTH = 25
+RANDOM_LENGTH = 12
 PUBLIC_PREFIX = "session_"
 
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
-_CHUNK = 36**3
-# Whole base36 groups by table lookup: ids are built for every row served, so divmods count.
-_PAIRS = tuple(a + b for a in _DIGITS for b in _DIGITS)
-_TRIPLES = tuple(a + b for a in _DIGITS for b in _PAIRS)
+# Two digits per lookup; a 1,296-entry table stays in CPU cache, a bigger one would not.
+PAIRS = tuple((a + b).encode() for a in _DIGITS for b in _DIGITS)
 _MASK64 = (1 << 64) - 1
-_RANDOM_SPACE = 36**12
+_RANDOM_SPACE = 36**RANDOM_LENGTH
+# Random bytes map onto digits by value modulo 36 (a slight skew nobody can observe).
+_TO_DIGIT = bytes(_DIGITS.encode()[value % 36] for value in range(256))
 
 
 def mix64(value: int) -> int:
@@ -28,16 +31,13 @@ def mix64(value: int) -> int:
     return value ^ (value >> 31)
 
 
-def base36(number: int, width: int) -> str:
-    """Zero-padded lowercase base36; `width` must be a multiple of 1..3 chunks as used here."""
+def base36(number: int, width: int) -> bytes:
+    """Zero-padded lowercase base36 of `number` modulo 36**width; `width` must be even."""
     out = []
-    while width >= 3:
-        number, low = divmod(number, _CHUNK)
-        out.append(_TRIPLES[low])
-        width -= 3
-    if width:
-        out.append(_TRIPLES[number % (36**width)][3 - width :])
-    return "".join(reversed(out))
+    for _ in range(width // 2):
+        number, low = divmod(number, 1296)
+        out.append(PAIRS[low])
+    return b"".join(reversed(out))
 
 
 def key_of(ms: int, counter: int) -> int:
@@ -48,30 +48,28 @@ def ms_of(key: int) -> int:
     return key // COUNTER_SPACE
 
 
-def random_part(bits: int) -> str:
+def random_parts(rng: random.Random, count: int) -> bytes:
+    """`count` random 12-character parts in one block: slot i owns bytes [12i, 12i + 12)."""
+    return rng.randbytes(RANDOM_LENGTH * count).translate(_TO_DIGIT)
+
+
+def random_part(bits: int) -> bytes:
     """12 base36 characters from a 64-bit hash."""
-    return base36(bits % _RANDOM_SPACE, 12)
+    return base36(bits % _RANDOM_SPACE, RANDOM_LENGTH)
+
+
+def cuid_bytes(key: int, random12: bytes) -> bytes:
+    """The 25-character id: `c` + base36(ms, 8) + base36(counter, 4) + the random part."""
+    ms, counter = divmod(key, COUNTER_SPACE)
+    rest, p4 = divmod(ms, 1296)
+    rest, p3 = divmod(rest, 1296)
+    p1, p2 = divmod(rest, 1296)
+    c1, c2 = divmod(counter, 1296)
+    pairs = PAIRS
+    return b"".join(
+        (b"c", pairs[p1 % 1296], pairs[p2], pairs[p3], pairs[p4], pairs[c1], pairs[c2], random12)
+    )
 
 
 def cuid_for(key: int, bits: int) -> str:
-    """The 25-character id: `c` + base36(ms, 8) + base36(counter, 4) + random_part(bits)."""
-    ms, counter = divmod(key, COUNTER_SPACE)
-    ms_high, ms_low = divmod(ms, _CHUNK)
-    ms_top, ms_mid = divmod(ms_high, _CHUNK)
-    counter_top, counter_low = divmod(counter, _CHUNK)
-    rest, r4 = divmod(bits % _RANDOM_SPACE, _CHUNK)
-    rest, r3 = divmod(rest, _CHUNK)
-    r1, r2 = divmod(rest, _CHUNK)
-    triples = _TRIPLES
-    return (
-        "c"
-        + _PAIRS[ms_top % 1296]
-        + triples[ms_mid]
-        + triples[ms_low]
-        + _DIGITS[counter_top]
-        + triples[counter_low]
-        + triples[r1]
-        + triples[r2]
-        + triples[r3]
-        + triples[r4]
-    )
+    return cuid_bytes(key, random_part(bits)).decode()

@@ -1,9 +1,10 @@
 """Deterministic sessions: compact per-session keys built at startup, full sessions on demand.
 
-Startup draws, for every session, only what the indexes need (createdAt key, type/task
-pair, tag combination, externalId template) into flat arrays. Everything else about a
-session is a pure function of (seed, slot): a 64-bit hash picks pool entries and offsets,
-so a session can be rebuilt identically at any time without being kept in memory.
+Startup draws, for every session, a few numbers into flat arrays: its createdAt key, the
+codes the indexes need (type/task pair, tag combination, externalId template), 12 random
+id characters and two words of random bits (~60 bytes a session in all). Everything else
+is a pure function of those: the bits pick pool entries, status and time offsets, so a
+session is rebuilt identically whenever it is served, without being kept in memory.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from array import array
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from pipeline.emulator.catalog import (
     CLOSED_REASONS,
@@ -24,13 +27,15 @@ from pipeline.emulator.catalog import (
 )
 from pipeline.emulator.cuid import (
     COUNTER_SPACE,
-    PUBLIC_PREFIX,
-    base36,
-    cuid_for,
+    PAIRS,
+    RANDOM_LENGTH,
+    cuid_bytes,
     key_of,
     mix64,
+    random_part,
+    random_parts,
 )
-from pipeline.emulator.timestamps import DAY_MS, iso_ms
+from pipeline.emulator.timestamps import DAY_MS, iso_bytes
 
 CLUSTER_PROBABILITY = 0.01  # a session starts a run of 2-5 sharing its exact millisecond
 MIDNIGHT_CLUSTER_PROBABILITY = 0.5  # per UTC midnight inside the range
@@ -50,6 +55,11 @@ class Population:
     pair_codes: array  # 'B', index into TYPE_TASKS
     combo_codes: array  # 'H', index into pools.tag_combos
     external_codes: array  # 'B', index into EXTERNAL_ID_TEMPLATES (0 = none)
+    # Random bits drawn at startup rather than hashed from the slot: hashing in Python costs
+    # ~0.5 µs a call, and every served row would need several.
+    random_parts: bytes  # 12 base36 characters per slot: the random tail of its cuid
+    fate_bits: array  # 'Q', closed or not, expiry
+    detail_bits: array  # 'Q', pool picks and time offsets
     pools: Pools
 
     @property
@@ -69,7 +79,19 @@ def generate_population(count: int, seed: int, days: float, anchor_ms: int) -> P
     pair_codes = array("B", [pair_table[int(draw() * 100)] for _ in range(count)])
     combo_codes = array("H", [int(draw() * combos) for _ in range(count)])
     external_codes = array("B", [external_table[int(draw() * 100)] for _ in range(count)])
-    return Population(seed, anchor_ms, keys, pair_codes, combo_codes, external_codes, pools)
+    bits = rng.getrandbits
+    return Population(
+        seed=seed,
+        anchor_ms=anchor_ms,
+        keys=keys,
+        pair_codes=pair_codes,
+        combo_codes=combo_codes,
+        external_codes=external_codes,
+        random_parts=random_parts(rng, count),
+        fate_bits=array("Q", [bits(64) for _ in range(count)]),
+        detail_bits=array("Q", [bits(64) for _ in range(count)]),
+        pools=pools,
+    )
 
 
 def _weighted_table(weights: list[int]) -> tuple[int, ...]:
@@ -124,6 +146,10 @@ def _keys(rng: random.Random, times: list[int]) -> array:
     return array("q", keys)
 
 
+def _json(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
 @dataclass(frozen=True)
 class Fate:
     """The status-relevant facts of a session, cheap enough to check row by row."""
@@ -138,16 +164,35 @@ class SessionFactory:
     def __init__(self, population: Population) -> None:
         self._population = population
         self._anchor = population.anchor_ms
-        self._fate_salt = mix64(population.seed * 0x10001 + 1)
         self._id_salt = mix64(population.seed * 0x10001 + 2)
         self._token_offset = mix64(population.seed * 0x10001 + 3) % _TOKEN_SPACE
+        pools = population.pools
+        self._pair_json = tuple(
+            b'"type":%b,"taskIdentifier":%b,' % (_json(kind), _json(task))
+            for kind, task, _ in TYPE_TASKS
+        )
+        self._tags_json = tuple(_json(list(combo)) for combo in pools.tag_combos)
+        self._metadata_json = tuple(_json(value) for value in pools.metadata)
+        self._trigger_json = tuple(
+            b"" if config is None else b'"triggerConfig":%b,' % _json(config)
+            for config in pools.trigger_configs
+        )
+        self._reason_json = tuple(_json(reason) for reason in CLOSED_REASONS)
+        self._external_json = tuple(
+            (_json(prefix)[:-1], _json(suffix)[1:]) for prefix, suffix in EXTERNAL_ID_TEMPLATES
+        )
 
-    def id_bits(self, slot: int) -> int:
-        """Hash behind the random part of a slot's cuid (also used for created slots)."""
-        return mix64(self._id_salt + slot)
+    def random_part(self, slot: int) -> bytes:
+        """The random tail of a slot's cuid; created slots hash theirs from the slot."""
+        if slot < self._population.count:
+            return self._population.random_parts[RANDOM_LENGTH * slot : RANDOM_LENGTH * (slot + 1)]
+        return random_part(mix64(self._id_salt + slot))
+
+    def cuid(self, slot: int, key: int) -> str:
+        return cuid_bytes(key, self.random_part(slot)).decode()
 
     def fate(self, slot: int, created_ms: int) -> Fate:
-        bits = mix64(self._fate_salt + slot)
+        bits = self._population.fate_bits[slot]
         return Fate((bits & 0xFF) < 64, self._expiry(bits, created_ms))
 
     def _expiry(self, bits: int, created_ms: int) -> int | None:
@@ -159,13 +204,17 @@ class SessionFactory:
             return created_ms + offset % (max(0, self._anchor - created_ms) + 1)
         return self._anchor + _HOUR_MS + offset % (90 * DAY_MS)
 
+    def _token(self, slot: int) -> bytes:
+        high, low = divmod((slot * _TOKEN_MULTIPLIER + self._token_offset) % _TOKEN_SPACE, 1296)
+        top, middle = divmod(high, 1296)
+        return PAIRS[top] + PAIRS[middle] + PAIRS[low]
+
     def external_id(self, slot: int) -> str | None:
         code = self._population.external_codes[slot]
         if not code:
             return None
         prefix, suffix = EXTERNAL_ID_TEMPLATES[code]
-        token = (slot * _TOKEN_MULTIPLIER + self._token_offset) % _TOKEN_SPACE
-        return prefix + base36(token, 6) + suffix
+        return prefix + self._token(slot).decode() + suffix
 
     def slot_for_external_id(self, text: str) -> int | None:
         """Invert `external_id` so lookups need no dictionary of a million strings."""
@@ -186,51 +235,72 @@ class SessionFactory:
         return None
 
     def build(self, slot: int, key: int, with_trigger_config: bool) -> dict[str, Any]:
+        return orjson.loads(self.json(slot, key, with_trigger_config))
+
+    def json(self, slot: int, key: int, with_trigger_config: bool) -> bytes:
+        """The session serialized exactly as orjson would write its dict (tests check this).
+
+        Joining pre-serialized pool pieces costs a fraction of building a dict and
+        serializing it, and a cold walk through a million sessions does this for every row.
+        """
         population = self._population
-        pools = population.pools
         created = key // COUNTER_SPACE
-        fate_bits = mix64(self._fate_salt + slot)
-        closed = (fate_bits & 0xFF) < 64
+        fate_bits = population.fate_bits[slot]
+        detail = population.detail_bits[slot]
         expires = self._expiry(fate_bits, created)
-        choice_bits = mix64(fate_bits)
-        time_bits = mix64(choice_bits)
         room = max(0, self._anchor - created)
-        first_fraction = (time_bits & 0xFFFF_FFFF) / 4_294_967_296
-        second_fraction = (time_bits >> 32) / 4_294_967_296
-        run_id = None
-        closed_at = closed_reason = None
-        if closed:
-            closed_ms = created + int(first_fraction * min(room, 3 * DAY_MS))
+        offset_bits = detail >> 27
+        run_id = closed_at = closed_reason = b"null"
+        if (fate_bits & 0xFF) < 64:  # closed
+            closed_ms = created + offset_bits % (min(room, 3 * DAY_MS) + 1)
             later = max(0, min(self._anchor - closed_ms, _HOUR_MS))
-            updated = closed_ms + int(second_fraction * later)
-            closed_at = iso_ms(closed_ms)
-            closed_reason = CLOSED_REASONS[(choice_bits >> 18) & 0x7]
+            updated = closed_ms + (offset_bits // 7919) % (later + 1)
+            closed_at = b'"%b"' % iso_bytes(closed_ms)
+            closed_reason = self._reason_json[(detail >> 18) & 0x7]
         else:
             updated = created
-            if (choice_bits >> 25) & 0x3:  # three in four sessions were touched after creation
-                updated += int(first_fraction * min(room, 7 * DAY_MS))
-            if ((choice_bits >> 21) & 0xF) < 11:
-                run_bits = mix64(time_bits)
-                run_ms = created + (run_bits >> 48) % 5000
-                run_key = key_of(run_ms, (run_bits >> 20) % COUNTER_SPACE)
-                run_id = "run_" + cuid_for(run_key, run_bits)
-        pair = TYPE_TASKS[population.pair_codes[slot]]
-        session: dict[str, Any] = {
-            "id": PUBLIC_PREFIX + cuid_for(key, self.id_bits(slot)),
-            "externalId": self.external_id(slot),
-            "type": pair[0],
-            "taskIdentifier": pair[1],
-        }
-        if with_trigger_config:
-            trigger_config = pools.trigger_configs[(choice_bits >> 10) & 0xFF]
-            if trigger_config is not None:
-                session["triggerConfig"] = trigger_config
-        session["currentRunId"] = run_id
-        session["tags"] = list(pools.tag_combos[population.combo_codes[slot]])
-        session["metadata"] = pools.metadata[choice_bits & 0x3FF]
-        session["closedAt"] = closed_at
-        session["closedReason"] = closed_reason
-        session["expiresAt"] = None if expires is None else iso_ms(expires)
-        session["createdAt"] = iso_ms(created)
-        session["updatedAt"] = iso_ms(updated)
-        return session
+            if (detail >> 25) & 0x3:  # three in four sessions were touched after creation
+                updated += offset_bits % (min(room, 7 * DAY_MS) + 1)
+            if ((detail >> 21) & 0xF) < 11:
+                # The run started a few ms to seconds after the session; its random tail is
+                # borrowed from another slot, which is as unpredictable and costs no hashing.
+                run_key = key_of(created + (fate_bits >> 56) * 19, (detail >> 40) % COUNTER_SPACE)
+                other = (slot * 7 + 3) % population.count
+                run_id = b'"run_%b"' % cuid_bytes(
+                    run_key, population.random_parts[12 * other : 12 * other + 12]
+                )
+        created_at = iso_bytes(created)
+        code = population.external_codes[slot]
+        if code:
+            before, after = self._external_json[code]
+            external_id = before + self._token(slot) + after
+        else:
+            external_id = b"null"
+        return b"".join(
+            (
+                b'{"id":"session_',
+                cuid_bytes(key, population.random_parts[12 * slot : 12 * slot + 12]),
+                b'","externalId":',
+                external_id,
+                b",",
+                self._pair_json[population.pair_codes[slot]],
+                self._trigger_json[(detail >> 10) & 0xFF] if with_trigger_config else b"",
+                b'"currentRunId":',
+                run_id,
+                b',"tags":',
+                self._tags_json[population.combo_codes[slot]],
+                b',"metadata":',
+                self._metadata_json[detail & 0x3FF],
+                b',"closedAt":',
+                closed_at,
+                b',"closedReason":',
+                closed_reason,
+                b',"expiresAt":',
+                b"null" if expires is None else b'"%b"' % iso_bytes(expires),
+                b',"createdAt":"',
+                created_at,
+                b'","updatedAt":"',
+                created_at if updated == created else iso_bytes(updated),
+                b'"}',
+            )
+        )

@@ -135,6 +135,10 @@ class FaultInjector:
                 return fault
         return None
 
+    def reset_cut(self, length: int) -> int:
+        """How many body bytes to deliver before dropping: none, or the first half."""
+        return 0 if self._rng.random() < 0.5 else length // 2
+
     def server_error(self) -> ServerError:
         status, body, content_type = self._rng.choice(_SERVER_ERRORS)
         no_retry = self._should_retry_header and self._rng.random() < 0.5

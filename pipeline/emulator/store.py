@@ -109,6 +109,7 @@ class SessionStore:
         self._created_external_ids: dict[str, int] = {}
         self._next_slot = population.count
         self._counter = mix64(population.seed) % COUNTER_SPACE
+        self._run_salt = mix64(population.seed + 0x5EED)
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_size = cache_size
         self._ids = _IdView(self)
@@ -221,11 +222,10 @@ class SessionStore:
             slot = self._next_slot
             self._next_slot += 1
             key = self._new_key(now)
-            bits = self._factory.id_bits(slot)
-            run_bits = mix64(bits)
+            run_bits = mix64(self._run_salt + slot)
             run_key = key_of(now, (run_bits >> 20) % COUNTER_SPACE)
             session: dict[str, Any] = {
-                "id": PUBLIC_PREFIX + cuid_for(key, bits),
+                "id": PUBLIC_PREFIX + self._factory.cuid(slot, key),
                 "externalId": new.external_id,
                 "type": new.type,
                 "taskIdentifier": new.task_identifier,
@@ -350,7 +350,7 @@ class SessionStore:
         return self._created_keys[slot]
 
     def _cuid(self, key: int, slot: int) -> str:
-        return cuid_for(key, self._factory.id_bits(slot))
+        return self._factory.cuid(slot, key)
 
     def _locate(self, ident: str) -> tuple[int, int] | None:
         """(slot, key) for a `session_…` id or, for anything else, an externalId."""
@@ -411,15 +411,22 @@ class SessionStore:
         Status is matched here only by closed/not closed, the way upstream's stale first
         pass sees it; the caller re-checks the real status, so pages can come back short.
         """
-        found: list[tuple[int, int, int]] = []
-        driver, keys, slots = plan.driver, self._keys, self._slots
-        count = len(driver)
+        driver, keys, slots, others = plan.driver, self._keys, self._slots, plan.others
         want_closed = None if plan.status is None else plan.status == "CLOSED"
+        if plan.on_main and not others and want_closed is None:
+            # Unfiltered: every position in the key range qualifies, so slice it directly.
+            if step < 0:
+                end = max(bisect_left(keys, lo) - 1, index - limit)
+                return [(keys[i], slots[i], i) for i in range(index, end, -1)]
+            end = min(bisect_left(keys, hi), index + limit)
+            return [(keys[i], slots[i], i) for i in range(max(index, 0), end)]
+        found: list[tuple[int, int, int]] = []
+        count = len(driver)
         while 0 <= index < count and len(found) < limit:
             key = driver[index]
             if key < lo or key >= hi:
                 break
-            if all(contains(other, key) for other in plan.others):
+            if not others or all(contains(other, key) for other in others):
                 slot = slots[index] if plan.on_main else slots[bisect_left(keys, key)]
                 if want_closed is None or self._fate(slot, key).closed == want_closed:
                     found.append((key, slot, index))
@@ -454,7 +461,14 @@ class SessionStore:
         cache_key = slot * 2 + with_trigger_config
         raw = self._cache.get(cache_key)
         if raw is None:
-            raw = orjson.dumps(self._session(slot, key, with_trigger_config))
+            override = self._overrides.get(slot)
+            if override is None:
+                raw = self._factory.json(slot, key, with_trigger_config)
+            else:
+                # orjson hands back a ~4 KiB buffer shrunk in place; cached as is, each entry
+                # would hold the whole block. An exact-size copy lets the block be reused.
+                session = self._session(slot, key, with_trigger_config)
+                raw = bytes(memoryview(orjson.dumps(session)))
             if remember:
                 if len(self._cache) >= self._cache_size:
                     self._cache.popitem(last=False)

@@ -7,26 +7,32 @@ from datetime import UTC, datetime, timedelta
 
 DAY_MS = 86_400_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Formatting through datetime costs ~2 µs and a page carries 500 timestamps: build each one
-# from a cached day prefix and precomputed time-of-day and millisecond pieces instead.
-_day_prefixes: dict[int, str] = {}
-_CLOCK = tuple(f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}." for s in range(86_400))
-_MILLIS = tuple(f"{m:03d}Z" for m in range(1000))
+# Formatting through datetime costs ~2 µs and a page carries ~300 timestamps: assemble them
+# from a cached day prefix and small tables (small enough to stay in CPU cache) instead.
+_day_prefixes: dict[int, bytes] = {}
+_HOURS_MINUTES = tuple(f"{m // 60:02d}:{m % 60:02d}:".encode() for m in range(1440))
+_SECONDS = tuple(f"{s:02d}.".encode() for s in range(60))
+_MILLIS = tuple(f"{m:03d}Z".encode() for m in range(1000))
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def iso_ms(ms: int) -> str:
-    """`2026-11-07T05:31:56.123Z` for an epoch-millisecond value."""
+def iso_bytes(ms: int) -> bytes:
+    """`2026-11-07T05:31:56.123Z` for an epoch-millisecond value, as ASCII bytes."""
     day, rest = divmod(ms, DAY_MS)
     prefix = _day_prefixes.get(day)
     if prefix is None:
-        prefix = (_EPOCH + timedelta(days=day)).strftime("%Y-%m-%dT")
+        prefix = (_EPOCH + timedelta(days=day)).strftime("%Y-%m-%dT").encode()
         _day_prefixes[day] = prefix
     seconds, millis = divmod(rest, 1000)
-    return prefix + _CLOCK[seconds] + _MILLIS[millis]
+    minutes, seconds = divmod(seconds, 60)
+    return b"".join((prefix, _HOURS_MINUTES[minutes], _SECONDS[seconds], _MILLIS[millis]))
+
+
+def iso_ms(ms: int) -> str:
+    return iso_bytes(ms).decode()
 
 
 def parse_iso_ms(text: str) -> int:
