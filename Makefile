@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-faults clean
+.PHONY: install demo test lint bench bench-faults bench-backfill clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,7 @@ clean:
 ## An export through injected faults and a tight rate limit, next to a clean one.
 bench-faults: $(STAMP)
 	$(BIN)/python -m bench.faults
+
+## A concurrent backfill against the rate-limit ceiling, next to a sequential walk.
+bench-backfill: $(STAMP)
+	$(BIN)/python -m bench.backfill

@@ -182,6 +182,58 @@ def run(settings: Settings, full_refresh: bool, compact_after: bool) -> None:
         _compact(settings, only=_touched_partitions(settings, summary.run_id))
 
 
+@cli.command()
+@with_options(*_COMMON, *_API, "concurrency", "since", "until", filters=True)
+@click.option("--restart", is_flag=True, help="export the range again although it completed")
+def backfill(settings: Settings, restart: bool) -> None:
+    """One-off export of a createdAt range (--since, --until; default until now), walked in
+    concurrent windows that share one rate limiter. Resumable: run the same command again
+    and only unfinished windows continue (relative times such as 90d keep meaning the range
+    of the first attempt). It never moves the incremental checkpoint
+    (the high-water mark `run` starts from); its own state is _state/backfill-<key>.json."""
+    from pipeline.backfill import BackfillOptions, BackfillRun
+    from pipeline.config import DURATION, parse_time_ms
+    from pipeline.errors import UsageError
+    from pipeline.progress import BackfillProgress
+    from pipeline.runner import wall_clock_ms
+    from pipeline.sink import use_lean_memory_pool
+
+    if not settings.since:
+        raise UsageError("backfill needs --since (e.g. --since 2026-01-01 or --since 90d)")
+    now = wall_clock_ms()
+    since = parse_time_ms(settings.since, "--since", now)
+    until = parse_time_ms(settings.until, "--until", now) if settings.until else now
+    if since > until:
+        raise UsageError(f"--since ({settings.since}) is after --until ({settings.until or 'now'})")
+    # relative words (90d, "now") name the range as typed, so the same command resumes it
+    basis = " .. ".join(
+        (text or "now") if text is None or DURATION.match(text) else str(ms)
+        for text, ms in ((settings.since, since), (settings.until, until))
+    )
+    options = BackfillOptions(
+        range_basis=basis,
+        since_ms=since,
+        until_ms=until,
+        filters=settings.filters,
+        concurrency=settings.concurrency,
+        flush_rows=settings.flush_rows,
+        flush_bytes=settings.flush_bytes,
+        restart=restart,
+    )
+    use_lean_memory_pool()
+    progress = BackfillProgress()
+    state_storage = state_store(settings).storage
+    try:
+        with make_client(settings, concurrency=settings.concurrency) as client:
+            run_ = BackfillRun(
+                client, output_storage(settings), state_storage, options, on_progress=progress
+            )
+            summary = run_.execute()
+    finally:
+        progress.close()
+    click.echo(summary.line())
+
+
 def _touched_partitions(settings: Settings, run_id: str) -> list[str]:
     data = output_storage(settings).read_bytes(f"_runs/{run_id}.json")
     return list(json.loads(data)["partitions"]) if data else []

@@ -58,6 +58,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("backoff_max", float, 30.0, "cap of one retry delay, seconds"),
     Option("allow_insecure_http", bool, False, "allow plain http:// to a non-loopback API host"),
     Option("concurrency", int, 8, "backfill: windows walked at once"),
+    Option("since", str, None, "backfill: oldest createdAt (ISO date/datetime, or 90d back)"),
+    Option(
+        "until",
+        str,
+        None,
+        "backfill: newest createdAt (ISO date/datetime, or 6h back; default now)",
+    ),
     Option("log_level", str, "info", "debug, info, warning or error"),
     Option(
         "log_format", str, "auto", "text, json, or auto (text on a terminal, JSON lines otherwise)"
@@ -192,12 +199,12 @@ def _check_values(values: dict[str, Any]) -> None:
         raise UsageError(f"log_format must be auto, text or json, got {values['log_format']!r}")
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 
 
 def parse_duration_ms(text: str, what: str) -> int:
-    match = _DURATION.match(str(text))
+    match = DURATION.match(str(text))
     if not match:
         raise UsageError(f"{what} must be a duration like 15m, 6h or 90d, got {text!r}")
     return int(match.group(1)) * _UNIT_MS[match.group(2)]
@@ -205,7 +212,7 @@ def parse_duration_ms(text: str, what: str) -> int:
 
 def parse_time_ms(text: str, what: str, now_ms: int) -> int:
     """ISO-8601 date or datetime (UTC unless an offset is given), or a duration back from now."""
-    if _DURATION.match(text):
+    if DURATION.match(text):
         return now_ms - parse_duration_ms(text, what)
     try:
         moment = datetime.fromisoformat(text.strip())
