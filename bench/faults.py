@@ -26,6 +26,8 @@ COMMON = (
     "4",
     "--anchor",
     "2026-11-01T00:00:00Z",
+    "--list-trigger-config",
+    "include",
     "--rate-limit-burst",
     "30",
     "--rate-limit-refill",

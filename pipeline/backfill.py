@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow.compute as pc
 
 from pipeline.client import TriggerClient
+from pipeline.enrich import TriggerConfigFiller
 from pipeline.errors import ApiError, UsageError
 from pipeline.flatten import MalformedSession, flatten_sessions
 from pipeline.manifest import RunManifest, iso_ms
@@ -124,6 +125,8 @@ class BackfillOptions:
     flush_rows: int
     flush_bytes: int
     restart: bool = False
+    enrich_trigger_config: bool = True
+    enrich_concurrency: int = 8
     range_basis: str = ""  # what identifies the range: absolute ms, or the relative words
 
 
@@ -158,6 +161,7 @@ class BackfillRun:
         self.started = time.monotonic()
         self.resumed = False
         self.rows_seen = 0  # rows walked in this process, flushed or not (for progress)
+        self.filler: TriggerConfigFiller | None = None
 
     # -- entry -----------------------------------------------------------------------
 
@@ -165,7 +169,15 @@ class BackfillRun:
         from pipeline.runner import _holder
 
         with self.state_storage.exclusive_lock(f"backfill-{self.key}.lock", _holder()):
-            return self._execute()
+            if self.options.enrich_trigger_config:
+                self.filler = TriggerConfigFiller(
+                    self.client, self.output, self.options.enrich_concurrency
+                )
+            try:
+                return self._execute()
+            finally:
+                if self.filler is not None:
+                    self.filler.close()
 
     def _execute(self) -> RunSummary:
         state = self._load()
@@ -345,6 +357,9 @@ class BackfillRun:
             with self._lock:
                 bounds = Window(window.from_ms, window.to_ms)
             page = self.client.list_sessions(list_params(bounds, filters, cursor))
+            if self.filler is not None:
+                self.filler.remember_listed(page.sessions)
+                self.filler.fill(page.sessions)
             try:
                 table = flatten_sessions(page.sessions, page.received_at_ms, self.state.run_id)
             except MalformedSession as error:
@@ -411,7 +426,13 @@ class BackfillRun:
             files=files,
             partitions=partitions,
             high_water=None,
-            extra={"windows": len(state.windows), "concurrency": self.options.concurrency},
+            extra={
+                "windows": len(state.windows),
+                "concurrency": self.options.concurrency,
+                "trigger_config": {
+                    "single_fetches": self.filler.single_fetches if self.filler else 0,
+                },
+            },
         ).write(self.output)
         return RunSummary(
             run_id=state.run_id,
@@ -427,6 +448,7 @@ class BackfillRun:
             partitions=len(partitions),
             seconds=time.monotonic() - self.started,
             resumed=self.resumed,
+            single_fetches=self.filler.single_fetches if self.filler else 0,
         )
 
     # -- progress --------------------------------------------------------------------

@@ -1,26 +1,41 @@
 """Run plans: the incremental export, from checkpoint to manifest.
 
 The plan (which window, which params) is plain functions over plain data; `IncrementalRun`
-is the loop that moves pages from the client through `flatten` into the sink and commits a
-checkpoint after every flush.
+moves pages from the client through `flatten` into the sink in three parts:
+
+1. the window: every session created since the high-water mark minus the lookback (or the
+   longer rescan), checkpointed after every flush, resumable at its cursor;
+2. the active set: `filter[status]=ACTIVE` lists the newest version of every live session;
+3. the departed: sessions ACTIVE at the last run that are not any more (closed or expired)
+   are read in their final state, one by one or by walking CLOSED/EXPIRED over their span,
+   whichever costs fewer requests.
+
+Only versions the dataset does not hold yet are written. Parts 2 and 3 are redone whole if
+a run is interrupted during them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from pipeline.client import PAGE_SIZE, TriggerClient
-from pipeline.dataset import known_versions, version_keys
+from pipeline.client import PAGE_SIZE, SessionPage, TriggerClient
+from pipeline.dataset import files_by_partition, known_versions, read_file, version_keys
+from pipeline.enrich import TriggerConfigFiller
 from pipeline.errors import ApiError
-from pipeline.flatten import MalformedSession, flatten_sessions
+from pipeline.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
 from pipeline.manifest import RunManifest, iso_ms
 from pipeline.sink import ParquetSink
 from pipeline.state import Checkpoint, RunProgress, StateStore, Window
@@ -30,6 +45,7 @@ from pipeline.walk import prefetched, walk_pages
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], int]  # epoch milliseconds
+Session = dict[str, Any]
 
 
 def wall_clock_ms() -> int:
@@ -50,6 +66,10 @@ FILTER_PARAMS = {
 class RunOptions:
     filters: dict[str, str] = field(default_factory=dict)
     lookback_ms: int = 15 * 60 * 1000
+    rescan_ms: int = 24 * 3600 * 1000
+    track_active: bool = True
+    enrich_trigger_config: bool = True
+    enrich_concurrency: int = 8
     flush_rows: int = 25_000
     flush_bytes: int = 64 * 1024 * 1024
     full_refresh: bool = False
@@ -70,6 +90,7 @@ class RunSummary:
     partitions: int
     seconds: float
     resumed: bool
+    single_fetches: int = 0
 
     def line(self) -> str:
         window = f"{iso_ms(self.window.from_ms) or 'beginning'} .. {iso_ms(self.window.to_ms)}"
@@ -77,7 +98,8 @@ class RunSummary:
             f"run {self.run_id} ({self.mode}{', resumed' if self.resumed else ''}) done: "
             f"{self.rows} sessions ({self.unchanged} unchanged skipped), "
             f"{self.partitions} partitions, {self.files} files, "
-            f"{self.pages} pages, {self.requests} requests, {self.retries} retries, "
+            f"{self.pages} pages, {self.single_fetches} single fetches, "
+            f"{self.requests} requests, {self.retries} retries, "
             f"{self.rate_limited} rate-limited, {self.seconds:.1f}s; window {window}"
         )
 
@@ -87,11 +109,11 @@ def new_run_id(now_ms: int) -> str:
     return f"{stamp}-{secrets.token_hex(3)}"
 
 
-def plan_window(checkpoint: Checkpoint, now_ms: int, lookback_ms: int, full: bool) -> Window:
+def plan_window(checkpoint: Checkpoint, now_ms: int, reread_ms: int, full: bool) -> Window:
     """The createdAt window of a new incremental run."""
     if full or checkpoint.high_water_ms is None:
         return Window(None, now_ms)
-    return Window(max(1, checkpoint.high_water_ms - lookback_ms), now_ms)
+    return Window(max(1, checkpoint.high_water_ms - reread_ms), now_ms)
 
 
 def list_params(window: Window, filters: dict[str, str], cursor: str | None) -> dict[str, str]:
@@ -108,12 +130,43 @@ def list_params(window: Window, filters: dict[str, str], cursor: str | None) -> 
     return params
 
 
+def session_version(session: Session) -> str:
+    """`id|updatedAt-ms`, the same key `dataset.version_keys` builds from stored rows."""
+    updated = session.get("updatedAt")
+    try:
+        stamp = str(parse_timestamp_ms(updated)) if isinstance(updated, str) else "null"
+    except ValueError:
+        stamp = "null"
+    return f"{session['id']}|{stamp}"
+
+
+def is_active_row(session: Session, now_ms: int) -> bool:
+    if session.get("closedAt"):
+        return False
+    expires = session.get("expiresAt")
+    try:
+        return not isinstance(expires, str) or parse_timestamp_ms(expires) > now_ms
+    except ValueError:
+        return True
+
+
 def _holder() -> str:
     return f"pid={os.getpid()} host={os.uname().nodename} since={iso_ms(wall_clock_ms())}"
 
 
+@dataclass
+class PartCost:
+    """What one part of a run cost and wrote (for the manifest)."""
+
+    pages: int = 0
+    single_fetches: int = 0
+    rows: int = 0
+    unchanged: int = 0
+    strategy: str | None = None
+
+
 class IncrementalRun:
-    """`sessions-export run`: resume an interrupted run, else export what is new."""
+    """`sessions-export run`: resume an interrupted run, else export what is new or changed."""
 
     mode = "incremental"
 
@@ -130,6 +183,11 @@ class IncrementalRun:
         self.state = state
         self.options = options
         self.clock = clock
+        self.costs = {"window": PartCost(), "active": PartCost(), "departed": PartCost()}
+        self.filler: TriggerConfigFiller | None = None
+        # versions this run wrote of sessions parts 2 and 3 may meet again (live, or live
+        # at the last run): bounded by the active set, unlike all the run's versions
+        self._written_keys: set[str] = set()
 
     def execute(self) -> RunSummary:
         with self.state.lock(_holder()):
@@ -154,9 +212,8 @@ class IncrementalRun:
             progress = replace(progress, resumed=progress.resumed + 1)
         else:
             now = self.clock()
-            window = plan_window(
-                checkpoint, now, self.options.lookback_ms, self.options.full_refresh
-            )
+            reread = max(self.options.lookback_ms, self.options.rescan_ms)
+            window = plan_window(checkpoint, now, reread, self.options.full_refresh)
             progress = RunProgress(
                 run_id=new_run_id(now),
                 mode=self.mode,
@@ -170,87 +227,202 @@ class IncrementalRun:
                 iso_ms(window.from_ms) or "at any time",
                 iso_ms(window.to_ms),
             )
-        # nothing is saved before the first flush: a run that fails early leaves no trace
-        if not progress.walk_complete:
-            progress = self._walk(checkpoint, progress)
-        return self._finish(checkpoint, progress, time.monotonic() - started, resumed)
+        if self.options.enrich_trigger_config:
+            self.filler = TriggerConfigFiller(
+                self.client,
+                self.output,
+                self.options.enrich_concurrency,
+                checkpoint.without_trigger_config,
+            )
+        try:
+            # nothing is saved before the first flush: a run that fails early leaves no trace
+            writer = _Writer(self, checkpoint, progress)
+            if not progress.walk_complete:
+                self._walk_window(writer)
+            active = dict(checkpoint.active)
+            if self.options.track_active and "status" not in writer.progress.filters:
+                if self.filler is not None:
+                    self.filler.refresh()
+                active = self._capture_changes(writer, checkpoint)
+                writer.commit(cursor=None, complete=True, save=False)
+            return self._finish(
+                checkpoint, writer.progress, active, time.monotonic() - started, resumed
+            )
+        finally:
+            if self.filler is not None:
+                self.filler.close()
 
-    def _walk(self, checkpoint: Checkpoint, progress: RunProgress) -> RunProgress:
-        sink = ParquetSink(
-            self.output, progress.run_id, self.options.flush_rows, self.options.flush_bytes
-        )
-        stats = self.client.stats
-        base = (stats.requests, stats.retries, stats.rate_limited)
+    # -- part 1: the window ------------------------------------------------------------
+
+    def _walk_window(self, writer: _Writer) -> None:
+        progress = writer.progress
         window, filters = progress.window, progress.filters
+        cost = self.costs["window"]
 
-        def fetch(cursor: str | None):  # noqa: ANN202
+        def fetch(cursor: str | None) -> SessionPage:
             return self.client.list_sessions(list_params(window, filters, cursor))
 
-        pages = rows = unchanged = 0
-        max_created = progress.max_created_ms
-        # a re-read window (lookback) writes only versions the dataset does not hold yet
-        known = None
-        if window.from_ms is not None and window.to_ms is not None:
-            known = known_versions(self.output, window.from_ms, window.to_ms, progress.run_id)
-
-        def commit(cursor: str | None, complete: bool) -> RunProgress:
-            nonlocal pages, rows, unchanged, base
-            written = sink.flush(progress.flush_seq)
-            updated = progress.after_flush(
-                cursor=cursor,
-                flush_seq=progress.flush_seq + 1,
-                walk_complete=complete,
-                rows=progress.rows + rows,
-                unchanged=progress.unchanged + unchanged,
-                pages=progress.pages + pages,
-                requests=progress.requests + stats.requests - base[0],
-                retries=progress.retries + stats.retries - base[1],
-                rate_limited=progress.rate_limited + stats.rate_limited - base[2],
-                max_created_ms=max_created,
-                files=progress.files + tuple(f.path for f in written),
-            )
-            self.state.save(replace(checkpoint, in_progress=updated))
-            log.info(
-                "flush %d: %d files, %d sessions so far, cursor %s",
-                progress.flush_seq,
-                len(written),
-                updated.rows,
-                cursor or "end",
-            )
-            pages = rows = unchanged = 0
-            base = (stats.requests, stats.retries, stats.rate_limited)
-            return updated
-
+        # a re-read window (lookback, rescan, full refresh) writes only versions not stored yet
+        known = known_versions(self.output, window.from_ms, window.to_ms, progress.run_id)
+        now = self.clock()
+        watched = writer.checkpoint.active
         for page in prefetched(walk_pages(fetch, progress.cursor)):
-            try:
-                table = flatten_sessions(page.sessions, page.received_at_ms, progress.run_id)
-            except MalformedSession as error:
-                raise ApiError(f"the API returned an unusable session: {error}") from None
-            pages += 1
+            cost.pages += 1
+            writer.pages += 1
+            self._written_keys.update(
+                session_version(s)
+                for s in page.sessions
+                if s["id"] in watched or is_active_row(s, now)
+            )
+            table = self._table(page.sessions, page.received_at_ms, writer.progress.run_id)
             if table.num_rows:
-                newest = pc.max(table["created_at"]).value
-                max_created = newest if max_created is None else max(max_created, newest)
-            if known is not None and len(known) and table.num_rows:
+                writer.saw_created(pc.max(table["created_at"]).value)
+            if len(known) and table.num_rows:
                 fresh = pc.invert(pc.is_in(version_keys(table), value_set=known))
-                unchanged += table.num_rows - pc.sum(fresh).as_py()
+                skipped = table.num_rows - (pc.sum(fresh).as_py() or 0)
+                cost.unchanged += skipped
+                writer.unchanged += skipped
                 table = table.filter(fresh)
-            sink.add(table)
-            rows += table.num_rows
-            if sink.should_flush():
-                progress = commit(page.next_cursor, page.next_cursor is None)
-        if not progress.walk_complete:
-            progress = commit(None, True)
-        return progress
+            cost.rows += table.num_rows
+            writer.add(table)
+            if writer.sink.should_flush():
+                writer.commit(page.next_cursor, page.next_cursor is None, save=True)
+        if not writer.progress.walk_complete:
+            writer.commit(None, True, save=True)
+
+    # -- parts 2 and 3: the active set and the departed ---------------------------------
+
+    def _capture_changes(self, writer: _Writer, checkpoint: Checkpoint) -> dict[str, list]:
+        previous = checkpoint.active
+        known = {f"{sid}|{'null' if v[1] is None else v[1]}" for sid, v in previous.items()}
+        known |= self._written_keys
+        if writer.progress.resumed:
+            # versions this run wrote before it was interrupted (their keys were in memory)
+            for path in writer.progress.files:
+                table = read_file(self.output, path, columns=["id", "updated_at"])
+                known.update(version_keys(table).to_pylist())
+        filters = {**writer.progress.filters, "status": "ACTIVE"}
+        cost = self.costs["active"]
+        active: dict[str, list[int | None]] = {}
+
+        def fetch(cursor: str | None) -> SessionPage:
+            return self.client.list_sessions(list_params(Window(None, None), filters, cursor))
+
+        for page in prefetched(walk_pages(fetch)):
+            cost.pages += 1
+            writer.pages += 1
+            fresh = []
+            for session in page.sessions:
+                key = session_version(session)
+                active[session["id"]] = [
+                    parse_timestamp_ms(session["createdAt"]),
+                    int(key.rsplit("|", 1)[1]) if not key.endswith("|null") else None,
+                ]
+                if key in known:
+                    cost.unchanged += 1
+                    writer.unchanged += 1
+                else:
+                    fresh.append(session)
+            table = self._table(fresh, page.received_at_ms, writer.progress.run_id)
+            cost.rows += table.num_rows
+            writer.add(table)
+            if writer.sink.should_flush():
+                writer.commit(None, True, save=False)
+
+        departed = {sid: v for sid, v in previous.items() if sid not in active}
+        if departed:
+            self._read_departed(writer, departed, known)
+        log.info(
+            "active sessions: %d now, %d at the last run, %d departed",
+            len(active),
+            len(previous),
+            len(departed),
+        )
+        return active
+
+    def _read_departed(self, writer: _Writer, departed: dict[str, list], known: set[str]) -> None:
+        cost = self.costs["departed"]
+        low = min(v[0] for v in departed.values())
+        high = max(v[0] for v in departed.values())
+        estimated_pages = 2 * math.ceil(self._stored_rows(low, high) / PAGE_SIZE)
+        remaining = set(departed)
+        if estimated_pages < len(departed):
+            cost.strategy = "list CLOSED and EXPIRED"
+            for status in ("CLOSED", "EXPIRED"):
+                filters = {**writer.progress.filters, "status": status}
+
+                def fetch(cursor: str | None, f: dict[str, str] = filters) -> SessionPage:
+                    return self.client.list_sessions(list_params(Window(low, high), f, cursor))
+
+                for page in prefetched(walk_pages(fetch)):
+                    cost.pages += 1
+                    writer.pages += 1
+                    mine = [s for s in page.sessions if s["id"] in remaining]
+                    remaining.difference_update(s["id"] for s in mine)
+                    self._write_versions(writer, mine, page.received_at_ms, known, cost)
+        else:
+            cost.strategy = "get each"
+        if remaining:
+            with ThreadPoolExecutor(max_workers=self.options.enrich_concurrency) as pool:
+                found = list(pool.map(self.client.get_session, sorted(remaining)))
+            cost.single_fetches += len(remaining)
+            sessions = [s for s in found if s is not None]
+            self._write_versions(writer, sessions, self.clock(), known, cost)
+
+    def _write_versions(
+        self,
+        writer: _Writer,
+        sessions: list[Session],
+        received_ms: int,
+        known: set[str],
+        cost: PartCost,
+    ) -> None:
+        fresh = [s for s in sessions if session_version(s) not in known]
+        cost.unchanged += len(sessions) - len(fresh)
+        writer.unchanged += len(sessions) - len(fresh)
+        table = self._table(fresh, received_ms, writer.progress.run_id)
+        cost.rows += table.num_rows
+        writer.add(table)
+        if writer.sink.should_flush():
+            writer.commit(None, True, save=False)
+
+    def _stored_rows(self, low_ms: int, high_ms: int) -> int:
+        """Rows the dataset holds in the partitions of a createdAt span (file metadata only)."""
+        first, last = iso_ms(low_ms)[:10], iso_ms(high_ms)[:10]
+        total = 0
+        for day, files in files_by_partition(self.output).items():
+            if first <= day <= last:
+                for data_file in files:
+                    total += pq.read_metadata(
+                        self.output.full_path(data_file.path), filesystem=self.output.fs
+                    ).num_rows
+        return total
+
+    # -- shared ------------------------------------------------------------------------
+
+    def _table(self, sessions: list[Session], received_ms: int, run_id: str) -> pa.Table:
+        if self.filler is not None and sessions:
+            self.filler.remember_listed(sessions)
+            self.filler.fill(sessions)
+        try:
+            return flatten_sessions(sessions, received_ms, run_id)
+        except MalformedSession as error:
+            raise ApiError(f"the API returned an unusable session: {error}") from None
 
     def _finish(
-        self, checkpoint: Checkpoint, progress: RunProgress, seconds: float, resumed: bool
+        self,
+        checkpoint: Checkpoint,
+        progress: RunProgress,
+        active: dict[str, list],
+        seconds: float,
+        resumed: bool,
     ) -> RunSummary:
         finished = self.clock()
         high_water = checkpoint.high_water_ms
         if progress.max_created_ms is not None:
             high_water = max(high_water or 0, progress.max_created_ms)
         partitions = sorted({p.split("/")[1].split("=", 1)[1] for p in progress.files})
-        total_seconds = (finished - progress.started_at_ms) / 1000
+        fetches = self.filler.single_fetches if self.filler is not None else 0
         manifest = RunManifest(
             run_id=progress.run_id,
             mode=progress.mode,
@@ -259,7 +431,7 @@ class IncrementalRun:
             filters=progress.filters,
             started_at=iso_ms(progress.started_at_ms),
             finished_at=iso_ms(finished),
-            seconds=round(total_seconds, 3),
+            seconds=round((finished - progress.started_at_ms) / 1000, 3),
             rows=progress.rows,
             pages=progress.pages,
             requests=progress.requests,
@@ -269,7 +441,15 @@ class IncrementalRun:
             files=list(progress.files),
             partitions=partitions,
             high_water=iso_ms(high_water),
-            extra={"unchanged_skipped": progress.unchanged},
+            extra={
+                "unchanged_skipped": progress.unchanged,
+                "parts": {name: vars(cost) for name, cost in self.costs.items()},
+                "trigger_config": {
+                    "single_fetches": fetches,
+                    "from_dataset": self.filler.from_dataset if self.filler else 0,
+                },
+                "active_sessions": len(active),
+            },
         )
         manifest.write(self.output)
         self.state.save(
@@ -279,8 +459,11 @@ class IncrementalRun:
                 last_success_ms=finished,
                 filters=progress.filters,
                 in_progress=None,
+                active=active,
+                without_trigger_config=self._without_config(high_water, active),
             )
         )
+        departed = self.costs["departed"].single_fetches
         return RunSummary(
             run_id=progress.run_id,
             mode=progress.mode,
@@ -295,4 +478,70 @@ class IncrementalRun:
             partitions=len(partitions),
             seconds=seconds,
             resumed=resumed,
+            single_fetches=fetches + departed,
         )
+
+    def _without_config(self, high_water: int | None, active: dict[str, list]) -> dict[str, int]:
+        """Ids without a triggerConfig that later runs may meet again (re-read or active)."""
+        if self.filler is None:
+            return {}
+        oldest = (high_water or 0) - max(self.options.lookback_ms, self.options.rescan_ms)
+        return {
+            sid: created
+            for sid, created in self.filler.without_config.items()
+            if created >= oldest or sid in active
+        }
+
+
+class _Writer:
+    """The sink plus the run's progress: flushes, counts and checkpoints."""
+
+    def __init__(self, run: IncrementalRun, checkpoint: Checkpoint, progress: RunProgress):
+        self.run = run
+        self.checkpoint = checkpoint
+        self.progress = progress
+        self.sink = ParquetSink(
+            run.output, progress.run_id, run.options.flush_rows, run.options.flush_bytes
+        )
+        self.pages = self.rows = self.unchanged = 0
+        self.max_created = progress.max_created_ms
+        stats = run.client.stats
+        self._base = (stats.requests, stats.retries, stats.rate_limited)
+
+    def add(self, table: pa.Table) -> None:
+        self.sink.add(table)
+        self.rows += table.num_rows
+
+    def saw_created(self, created_ms: int) -> None:
+        if self.max_created is None or created_ms > self.max_created:
+            self.max_created = created_ms
+
+    def commit(self, cursor: str | None, complete: bool, save: bool) -> None:
+        """Flush, fold the counters into the progress, and (part 1) save the checkpoint."""
+        stats = self.run.client.stats
+        written = self.sink.flush(self.progress.flush_seq)
+        progress = self.progress
+        self.progress = progress.after_flush(
+            cursor=cursor,
+            flush_seq=progress.flush_seq + 1,
+            walk_complete=complete,
+            rows=progress.rows + self.rows,
+            unchanged=progress.unchanged + self.unchanged,
+            pages=progress.pages + self.pages,
+            requests=progress.requests + stats.requests - self._base[0],
+            retries=progress.retries + stats.retries - self._base[1],
+            rate_limited=progress.rate_limited + stats.rate_limited - self._base[2],
+            max_created_ms=self.max_created,
+            files=progress.files + tuple(f.path for f in written),
+        )
+        if save:
+            self.run.state.save(replace(self.checkpoint, in_progress=self.progress))
+        log.info(
+            "flush %d: %d files, %d sessions so far, cursor %s",
+            progress.flush_seq,
+            len(written),
+            self.progress.rows,
+            cursor or "end",
+        )
+        self.pages = self.rows = self.unchanged = 0
+        self._base = (stats.requests, stats.retries, stats.rate_limited)

@@ -61,6 +61,10 @@ class Checkpoint:
     last_success_ms: int | None = None
     filters: dict[str, str] = field(default_factory=dict)
     in_progress: RunProgress | None = None
+    # sessions ACTIVE at the last run: id -> [createdAt ms, updatedAt ms or None]
+    active: dict[str, list[int | None]] = field(default_factory=dict)
+    # sessions known to have no triggerConfig (not fetched again): id -> createdAt ms
+    without_trigger_config: dict[str, int] = field(default_factory=dict)
     version: int = STATE_VERSION
 
     def to_json(self) -> bytes:
@@ -80,7 +84,14 @@ class Checkpoint:
             )
         known = {
             k: raw[k]
-            for k in ("high_water_ms", "last_run_id", "last_success_ms", "filters")
+            for k in (
+                "high_water_ms",
+                "last_run_id",
+                "last_success_ms",
+                "filters",
+                "active",
+                "without_trigger_config",
+            )
             if k in raw
         }
         return Checkpoint(**known, in_progress=progress, version=raw.get("version", 1))

@@ -92,7 +92,7 @@ def test_sessions_sharing_a_boundary_millisecond_are_exported_once(emulator, out
                      str(output), "--concurrency", "2", url=emu.url)
     assert result.returncode == 0, result.stderr
     expected = in_range(sessions, since, until)
-    assert_dataset_equals(output, expected, with_config=False)
+    assert_dataset_equals(output, expected)
     assert read_dataset(output).num_rows == len(expected)
     # and a range that starts and ends on that very millisecond holds exactly the cluster
     edge = output.parent / "edge"
@@ -126,7 +126,7 @@ def test_backfill_resumes_after_kill_9(emulator, output):
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout and state["run_id"] in resumed.stdout
     sessions = emulator_sessions(emu.url)
-    assert_dataset_equals(output, sessions, with_config=False)
+    assert_dataset_equals(output, sessions)
     assert read_dataset(output).num_rows == len(sessions)
 
     again = run_cli(*args, url=emu.url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import time
 
@@ -52,10 +53,28 @@ def test_partitions_follow_created_date_and_duckdb_reads_them(emulator, output):
     assert all(n.startswith("part-") and n.endswith("-00000.parquet") for n in names)
 
 
-def test_list_rows_without_trigger_config_are_flattened_with_nulls(emulator, output):
+def test_trigger_config_omitted_from_lists_is_fetched_once_per_session(emulator, output):
     emu = emulator(sessions=300, seed=11, list_trigger_config="omit")
-    assert run_cli("run", "--output", str(output), url=emu.url).returncode == 0
+    result = run_cli("run", "--output", str(output), "--rescan", "60d", url=emu.url)
+    assert result.returncode == 0, result.stderr
+    assert_dataset_equals(output, emulator_sessions(emu.url))
+    stats = emulator_stats(emu.url)
+    assert stats["by_kind"]["get"] == 300  # one GET per session, no more
+    manifest = json.loads(next((output / "_runs").glob("*.json")).read_text())
+    assert manifest["extra"]["trigger_config"]["single_fetches"] == 300
+
+    reset_stats(emu.url)
+    second = run_cli("run", "--output", str(output), "--rescan", "60d", url=emu.url)
+    assert second.returncode == 0, second.stderr
+    assert emulator_stats(emu.url)["by_kind"].get("get", 0) == 0  # known from the dataset
+
+
+def test_enrichment_can_be_turned_off(emulator, output):
+    emu = emulator(sessions=300, seed=11, list_trigger_config="omit")
+    result = run_cli("run", "--output", str(output), "--no-enrich-trigger-config", url=emu.url)
+    assert result.returncode == 0, result.stderr
     assert_dataset_equals(output, emulator_sessions(emu.url), with_config=False)
+    assert emulator_stats(emu.url)["by_kind"].get("get", 0) == 0
 
 
 def test_manifest_and_checkpoint_after_a_run(emulator, output):
@@ -64,8 +83,16 @@ def test_manifest_and_checkpoint_after_a_run(emulator, output):
     manifests = list((output / "_runs").glob("*.json"))
     assert len(manifests) == 1
     manifest = json.loads(manifests[0].read_text())
-    assert manifest["rows"] == 500 and manifest["pages"] == 5
-    assert manifest["requests"] == 5
+    parts = manifest["extra"]["parts"]
+    active_pages = math.ceil(manifest["extra"]["active_sessions"] / 100)
+    assert manifest["rows"] == 500 and parts["window"]["pages"] == 5
+    # ACTIVE pages can come back short (the server filters status twice)
+    assert active_pages <= parts["active"]["pages"] <= active_pages + 2
+    assert parts["active"]["rows"] == 0  # all written by the window walk already
+    assert manifest["pages"] == 5 + parts["active"]["pages"]
+    fetches = manifest["extra"]["trigger_config"]["single_fetches"]
+    assert fetches == 500  # list rows omit triggerConfig: one GET per session
+    assert manifest["requests"] == manifest["pages"] + fetches + manifest["retries"]
     assert sorted(manifest["files"]) == sorted(
         str(p.relative_to(output)) for p in data_files(output))
     state = run_cli("state", "show", "--output", str(output))
@@ -81,10 +108,22 @@ def test_second_run_with_nothing_new_is_cheap(emulator, output):
     reset_stats(emu.url)
     second = run_cli("run", "--output", str(output), url=emu.url)
     assert second.returncode == 0, second.stderr
-    assert emulator_stats(emu.url)["requests"] <= 3
+    manifest = json.loads((output / "_runs" / f"{second.stdout.split()[1]}.json").read_text())
+    # the re-read window, plus one listing of the ACTIVE sessions (change capture), plus
+    # the final state of sessions that expired in between
+    parts = manifest["extra"]["parts"]
+    assert parts["window"]["pages"] <= 2
+    assert emulator_stats(emu.url)["requests"] == manifest["requests"] == (
+        parts["window"]["pages"] + parts["active"]["pages"] + parts["departed"]["pages"]
+        + parts["departed"]["single_fetches"])
     assert "0 sessions" in second.stdout  # versions already stored are not written again
     assert read_dataset(output).num_rows == 3000
-    assert_dataset_equals(output, emulator_sessions(emu.url), with_config=False)
+    assert_dataset_equals(output, emulator_sessions(emu.url))
+
+    reset_stats(emu.url)
+    lean = run_cli("run", "--output", str(output), "--no-track-active", url=emu.url)
+    assert lean.returncode == 0, lean.stderr
+    assert emulator_stats(emu.url)["requests"] <= 3  # the window alone: a handful
 
 
 def test_new_sessions_are_picked_up_by_the_next_run(emulator, output):
@@ -95,7 +134,7 @@ def test_new_sessions_are_picked_up_by_the_next_run(emulator, output):
                                   "externalId": f"late-{n}"})
     second = run_cli("run", "--output", str(output), url=emu.url)
     assert second.returncode == 0, second.stderr
-    assert_dataset_equals(output, emulator_sessions(emu.url), with_config=False)
+    assert_dataset_equals(output, emulator_sessions(emu.url))
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(emulator, output):
@@ -118,7 +157,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(emulator, output):
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout and progress["run_id"] in resumed.stdout
     sessions = emulator_sessions(emu.url)
-    assert_dataset_equals(output, sessions, with_config=False)
+    assert_dataset_equals(output, sessions)
     assert read_dataset(output).num_rows == len(sessions)  # overwritten, not duplicated
 
 
@@ -128,7 +167,7 @@ def test_filters_are_sent_one_value_each(emulator, output):
     kind = sessions[0]["type"]
     result = run_cli("run", "--output", str(output), "--type", kind, url=emu.url)
     assert result.returncode == 0, result.stderr
-    assert_dataset_equals(output, [s for s in sessions if s["type"] == kind], with_config=False)
+    assert_dataset_equals(output, [s for s in sessions if s["type"] == kind])
 
 
 def test_comma_joined_filter_is_refused_before_any_request(emulator, output):
