@@ -39,6 +39,7 @@ _API = (
     "allow_insecure_http",
     "flush_rows",
     "flush_bytes",
+    "secret_key_env",
 )
 _FILTERS = {
     "type": "only sessions of this type (one value)",
@@ -53,23 +54,43 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def with_options(*names: str, filters: bool = False) -> Callable[[Callable], Callable]:
-    """Add `--config` and the named settings as flags; pass the merged `Settings` on."""
+def with_options(
+    *names: str, filters: bool = False, each_environment: bool = False
+) -> Callable[[Callable], Callable]:
+    """Add `--config`, `--environment` and the named settings as flags; pass the merged
+    `Settings` on. With `each_environment`, `--all-environments` runs every environment."""
 
     def decorate(command: Callable) -> Callable:
         @functools.wraps(command)
-        def wrapper(config: str | None, **kwargs: Any) -> Any:
+        def wrapper(
+            config: str | None, environment: str | None, all_environments: bool = False, **kwargs
+        ) -> Any:
             flags = {n: kwargs.pop(n) for n in names}
             filter_flags = {n: kwargs.pop(n) for n in _FILTERS} if filters else {}
-            settings = load_settings(config, flags, filter_flags)
-            setup_logging(settings.log_level, settings.log_format)
-            return command(settings, **kwargs)
+
+            def invoke(name: str | None) -> Any:
+                settings = load_settings(config, flags, filter_flags, name)
+                setup_logging(settings.log_level, settings.log_format)
+                return command(settings, **kwargs)
+
+            if not all_environments:
+                return invoke(environment)
+            from pipeline.config import environment_names
+            from pipeline.environments import run_each
+
+            if environment:
+                raise click.UsageError("give --environment NAME or --all-environments, not both")
+            sys.exit(run_each(environment_names(config), invoke))
 
         for name in reversed(names):
             option = next(o for o in OPTIONS if o.name == name)
             if option.type is bool:
+                flag = _flag(name)[2:]
                 wrapper = click.option(
-                    _flag(name), name, is_flag=True, default=None, help=option.help
+                    f"--{flag}/--no-{flag}",
+                    name,
+                    default=None,
+                    help=f"{option.help} [default: {'on' if option.default else 'off'}]",
                 )(wrapper)
             else:
                 wrapper = click.option(
@@ -84,6 +105,20 @@ def with_options(*names: str, filters: bool = False) -> Callable[[Callable], Cal
         if filters:
             for name, text in reversed(_FILTERS.items()):
                 wrapper = click.option(_flag(name), name, default=None, help=text)(wrapper)
+        if each_environment:
+            wrapper = click.option(
+                "--all-environments",
+                is_flag=True,
+                help="run every [environments.NAME] of the config file in turn; exit with "
+                "the worst outcome",
+            )(wrapper)
+        wrapper = click.option(
+            "--environment",
+            "environment",
+            metavar="NAME",
+            help="apply the config file's [environments.NAME] table (its own key variable, "
+            "output and state)",
+        )(wrapper)
         return click.option(
             "--config",
             "config",
@@ -107,8 +142,13 @@ def state_store(settings: Settings) -> StateStore:
 def make_client(settings: Settings, concurrency: int = 1):  # noqa: ANN201
     from pipeline.client import ClientSettings, TriggerClient
 
-    key = os.environ.get(SECRET_ENV, "")
+    key = os.environ.get(settings.secret_key_env, "")
     register_secret(key)
+    if not key and settings.secret_key_env != SECRET_ENV:
+        from pipeline.errors import AuthError
+
+        where = f" (environment {settings.environment})" if settings.environment else ""
+        raise AuthError(f"{settings.secret_key_env} is not set: export the secret key{where}")
     client_settings = ClientSettings(
         base_url=settings.api_url or os.environ.get(API_URL_ENV) or DEFAULT_API_URL,
         connect_timeout=settings.connect_timeout,
@@ -117,7 +157,9 @@ def make_client(settings: Settings, concurrency: int = 1):  # noqa: ANN201
         backoff_initial=settings.backoff_initial,
         backoff_max=settings.backoff_max,
         allow_insecure_http=bool(settings.allow_insecure_http),
-        concurrency=concurrency,
+        # walkers plus single-session fetches: each needs its own pooled connection
+        concurrency=concurrency
+        + (settings.enrich_concurrency if settings.enrich_trigger_config else 0),
     )
     return TriggerClient(client_settings, key)
 
@@ -152,9 +194,22 @@ def cli() -> None:
 
 
 @cli.command()
-@with_options(*_COMMON, *_API, "lookback", filters=True)
+@with_options(
+    *_COMMON,
+    *_API,
+    "lookback",
+    "rescan",
+    "track_active",
+    "enrich_trigger_config",
+    "enrich_concurrency",
+    "metrics_file",
+    filters=True,
+    each_environment=True,
+)
 @click.option(
-    "--full-refresh", is_flag=True, help="re-walk the whole history, ignoring the checkpoint"
+    "--full-refresh",
+    is_flag=True,
+    help="re-walk the whole history, catching changes to old closed sessions (weekly)",
 )
 @click.option(
     "--compact", "compact_after", is_flag=True, help="compact the partitions this run touched"
@@ -170,20 +225,41 @@ def run(settings: Settings, full_refresh: bool, compact_after: bool) -> None:
     options = RunOptions(
         filters=settings.filters,
         lookback_ms=parse_duration_ms(settings.lookback, "lookback"),
+        rescan_ms=parse_duration_ms(settings.rescan, "rescan"),
+        track_active=settings.track_active,
+        enrich_trigger_config=settings.enrich_trigger_config,
+        enrich_concurrency=settings.enrich_concurrency,
         flush_rows=settings.flush_rows,
         flush_bytes=settings.flush_bytes,
         full_refresh=full_refresh,
     )
-    state = state_store(settings)
-    with make_client(settings) as client:
-        summary = IncrementalRun(client, output_storage(settings), state, options).execute()
-    click.echo(summary.line())
-    if compact_after and summary.files:
-        _compact(settings, only=_touched_partitions(settings, summary.run_id))
+    from pipeline.metrics import log_summary, record_failure, record_success
+
+    try:
+        state = state_store(settings)
+        with make_client(settings) as client:
+            summary = IncrementalRun(client, output_storage(settings), state, options).execute()
+        click.echo(summary.line())
+        log_summary(summary, settings.environment)
+        if compact_after and summary.files:
+            _compact(settings, only=_touched_partitions(settings, summary.run_id))
+    except BaseException as error:
+        record_failure(settings.metrics_file, settings.environment, error)
+        raise
+    record_success(settings.metrics_file, settings.environment, summary)
 
 
 @cli.command()
-@with_options(*_COMMON, *_API, "concurrency", "since", "until", filters=True)
+@with_options(
+    *_COMMON,
+    *_API,
+    "concurrency",
+    "since",
+    "until",
+    "enrich_trigger_config",
+    "enrich_concurrency",
+    filters=True,
+)
 @click.option("--restart", is_flag=True, help="export the range again although it completed")
 def backfill(settings: Settings, restart: bool) -> None:
     """One-off export of a createdAt range (--since, --until; default until now), walked in
@@ -219,6 +295,8 @@ def backfill(settings: Settings, restart: bool) -> None:
         flush_rows=settings.flush_rows,
         flush_bytes=settings.flush_bytes,
         restart=restart,
+        enrich_trigger_config=settings.enrich_trigger_config,
+        enrich_concurrency=settings.enrich_concurrency,
     )
     use_lean_memory_pool()
     progress = BackfillProgress()
@@ -267,6 +345,25 @@ def verify(settings: Settings, strict: bool) -> None:
         click.echo(line)
     if not report.ok:
         sys.exit(EXIT_VERIFY_FAILED)
+
+
+@cli.group()
+def load() -> None:
+    """Load the dataset into a warehouse: the latest version of each session."""
+
+
+@load.command("duckdb")
+@with_options(*_COMMON, "database")
+def load_duckdb(settings: Settings) -> None:
+    """Upsert the latest version of every session into the `sessions` table of a DuckDB
+    file. Runs already loaded are skipped (see sessions_export_loads), so loading twice
+    changes nothing and a load after new runs applies only theirs."""
+    from pipeline.errors import UsageError
+    from pipeline.load import load_duckdb as run_load
+
+    if not settings.database:
+        raise UsageError('load duckdb needs --database FILE (or database = "…" in the config)')
+    click.echo(run_load(output_storage(settings), settings.database).line())
 
 
 @cli.group()

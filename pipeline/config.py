@@ -44,6 +44,27 @@ OPTIONS: tuple[Option, ...] = (
         "15m",
         "incremental runs re-read sessions created this long before the high-water mark",
     ),
+    Option(
+        "rescan",
+        str,
+        "24h",
+        "each run re-reads sessions created this long before the high-water mark and writes "
+        "the versions that changed (0s turns it off)",
+    ),
+    Option(
+        "track_active",
+        bool,
+        True,
+        "keep the ids of ACTIVE sessions; each run lists ACTIVE sessions and reads the final "
+        "state of those that closed or expired since",
+    ),
+    Option(
+        "enrich_trigger_config",
+        bool,
+        True,
+        "fill triggerConfig with GET /api/v1/sessions/{id} when list rows omit it (once each)",
+    ),
+    Option("enrich_concurrency", int, 8, "single-session fetches in flight at once"),
     Option("connect_timeout", float, 10.0, "seconds to establish a connection"),
     Option("read_timeout", float, 60.0, "seconds to wait for a response"),
     Option(
@@ -69,6 +90,19 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "log_format", str, "auto", "text, json, or auto (text on a terminal, JSON lines otherwise)"
     ),
+    Option(
+        "metrics_file",
+        str,
+        None,
+        "write each run's outcome here for Prometheus' textfile collector (e.g. …/export.prom)",
+    ),
+    Option(
+        "secret_key_env",
+        str,
+        "TRIGGER_SECRET_KEY",
+        "the environment variable that holds the secret key (its name, never the key)",
+    ),
+    Option("database", str, None, "load duckdb: the DuckDB database file to upsert into"),
 )
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -78,6 +112,7 @@ class Settings:
     values: dict[str, Any]
     filters: dict[str, str] = field(default_factory=dict)
     source: str | None = None  # the config file, if any
+    environment: str | None = None  # the [environments.NAME] table applied, if any
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -87,24 +122,31 @@ class Settings:
 
 
 def load_settings(
-    config_file: str | None, flags: dict[str, Any], filter_flags: dict[str, str | None]
+    config_file: str | None,
+    flags: dict[str, Any],
+    filter_flags: dict[str, str | None],
+    environment: str | None = None,
 ) -> Settings:
-    """Merge defaults < config file < flags; validate everything."""
+    """Merge defaults < config file < its [environments.NAME] table < flags; validate all."""
     values = {o.name: o.default for o in OPTIONS}
     filters: dict[str, str] = {}
     if config_file:
         file_values, file_filters = read_config_file(Path(config_file))
         values.update(file_values)
         filters.update(file_filters)
+    if environment:
+        env_values, env_filters = read_environment(config_file, environment)
+        values.update(env_values)
+        filters.update(env_filters)
     values.update({k: v for k, v in flags.items() if v is not None})
     for name, value in filter_flags.items():
         if value is not None:
             filters[name] = check_filter(name, value, "--" + name.replace("_", "-"))
     _check_values(values)
-    return Settings(values, filters, config_file)
+    return Settings(values, filters, config_file, environment)
 
 
-def read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -112,21 +154,62 @@ def read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"cannot read config file {path}: {error}") from None
     try:
-        raw = tomllib.loads(text)
+        return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"config file {path} is not valid TOML: {error}") from None
 
+
+def read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    text, raw = _read_toml(path)
+    environments = raw.pop("environments", {})
+    if not isinstance(environments, dict) or not all(
+        isinstance(table, dict) for table in environments.values()
+    ):
+        where = f"{path}:{_line_of(text, 'environments')}"
+        raise UsageError(f"{where}: environments must be tables like [environments.prod]")
+    return _read_options(raw, text, path, 0)
+
+
+def environment_names(config_file: str | None) -> list[str]:
+    """The [environments.NAME] tables of a config file, in file order."""
+    if not config_file:
+        raise UsageError("environments are defined in a config file: pass --config FILE")
+    environments = _read_toml(Path(config_file))[1].get("environments")
+    if not isinstance(environments, dict) or not environments:
+        raise UsageError(f"{config_file} defines no [environments.NAME] table")
+    return list(environments)
+
+
+def read_environment(config_file: str | None, name: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The options of one [environments.NAME] table, checked like the top level."""
+    names = environment_names(config_file)
+    if name not in names:
+        raise UsageError(
+            f"{config_file} has no [environments.{name}] table "
+            f"(it has: {', '.join(names)}){_suggest(name, names)}"
+        )
+    path = Path(str(config_file))
+    text, raw = _read_toml(path)
+    header = re.compile(rf"^\s*\[\s*environments\.[\"']?{re.escape(name)}[\"']?\s*\]")
+    start = next((n for n, line in enumerate(text.splitlines()) if header.match(line)), 0)
+    return _read_options(raw["environments"][name], text, path, start)
+
+
+def _read_options(
+    raw: dict[str, Any], text: str, path: Path, start: int
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Option values and filters of one table; `start` is the line its keys follow."""
     values: dict[str, Any] = {}
     filters: dict[str, str] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
-        where = f"{path}:{_line_of(text, key)}"
+        where = f"{path}:{_line_of(text, key, start)}"
         if name == "filters":
             if not isinstance(value, dict):
                 raise UsageError(f"{where}: [filters] must be a table")
             for fkey, fvalue in value.items():
                 fname = fkey.replace("-", "_")
-                fwhere = f"{path}:{_line_of(text, fkey)}"
+                fwhere = f"{path}:{_line_of(text, fkey, start)}"
                 if fname not in FILTER_NAMES:
                     raise UsageError(
                         f"{fwhere}: unknown filter {fkey!r}{_suggest(fname, FILTER_NAMES)}"
@@ -152,9 +235,9 @@ def _coerce(option: Option, value: Any, where: str) -> Any:
     return value
 
 
-def _line_of(text: str, key: str) -> int | str:
+def _line_of(text: str, key: str, start: int = 0) -> int | str:
     pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=|^\s*\[\s*{re.escape(key)}\s*\]")
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.splitlines()[start:], start=start + 1):
         if pattern.search(line):
             return number
     return "?"
@@ -183,7 +266,7 @@ def check_filter(name: str, value: str, where: str) -> str:
 
 
 def _check_values(values: dict[str, Any]) -> None:
-    positive = ("flush_rows", "flush_bytes", "max_attempts", "concurrency")
+    positive = ("flush_rows", "flush_bytes", "max_attempts", "concurrency", "enrich_concurrency")
     for name in positive:
         if values[name] < 1:
             raise UsageError(f"{name} must be at least 1, got {values[name]}")
@@ -191,9 +274,17 @@ def _check_values(values: dict[str, Any]) -> None:
         if values[name] <= 0:
             raise UsageError(f"{name} must be positive, got {values[name]}")
     parse_duration_ms(values["lookback"], "lookback")
+    parse_duration_ms(values["rescan"], "rescan")
     if values["log_level"].lower() not in ("debug", "info", "warning", "error"):
         raise UsageError(
             f"log_level must be debug, info, warning or error, got {values['log_level']!r}"
+        )
+    key_env = values["secret_key_env"]
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env) or key_env.startswith("tr_"):
+        # the value is not echoed: it may be a key pasted by mistake
+        raise UsageError(
+            "secret_key_env must name an environment variable (like TRIGGER_PROD_KEY) "
+            "that holds the key, never the key itself"
         )
     if values["log_format"] not in ("auto", "text", "json"):
         raise UsageError(f"log_format must be auto, text or json, got {values['log_format']!r}")

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.sink import DATASET_DIR
 from pipeline.storage import Storage, StoredFile
@@ -52,7 +51,7 @@ def files_by_partition(storage: Storage) -> dict[str, list[DataFile]]:
 
 
 def read_file(storage: Storage, path: str, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(storage.full_path(path), filesystem=storage.fs, columns=columns)
+    return storage.read_table(path, columns)
 
 
 def latest_versions(table: pa.Table) -> pa.Table:
@@ -81,14 +80,16 @@ def version_keys(table: pa.Table) -> pa.ChunkedArray:
     return pc.binary_join_element_wise(table["id"], pc.fill_null(updated, "null"), "|")
 
 
-def known_versions(storage: Storage, from_ms: int, to_ms: int, skip_run: str) -> pa.Array:
+def known_versions(
+    storage: Storage, from_ms: int | None, to_ms: int | None, skip_run: str
+) -> pa.Array:
     """Version keys already stored in the partitions a window touches.
 
     Files of `skip_run` are left out: a resumed run rewrites those under the same names,
     so their rows must be written again, not skipped.
     """
-    first = _day_of(from_ms)
-    last = _day_of(to_ms)
+    first = _day_of(from_ms) if from_ms is not None else "0000-00-00"
+    last = _day_of(to_ms) if to_ms is not None else "9999-99-99"
     keys = []
     for data_file in classify_files(storage)[0]:
         if not first <= data_file.partition <= last or f"-{skip_run}-" in data_file.path:

@@ -67,7 +67,7 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # httpx logs every request at INFO; keep it for --log-level debug only
+    # httpx logs every request at INFO, botocore its credential lookup; debug level only
     quiet = logging.DEBUG if level.lower() == "debug" else logging.WARNING
-    for name in ("httpx", "httpcore"):
+    for name in ("httpx", "httpcore", "botocore", "boto3", "urllib3"):
         logging.getLogger(name).setLevel(quiet)

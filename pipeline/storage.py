@@ -2,23 +2,37 @@
 
 Paths given to `Storage` are relative to its base URI and always use `/`. A write is atomic
 for readers: on local disk the bytes go to a hidden temp file beside the target, are
-fsynced and renamed over it; on object storage a single upload becomes visible only once
-complete.
+fsynced and renamed over it; on object storage (pyarrow's S3 and GCS filesystems) one
+upload (a PUT, or a multipart upload completed at close) becomes visible only once whole,
+so nothing is renamed there.
+
+S3 takes its credentials and region from the standard AWS variables and files
+(`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, `AWS_REGION`), which pyarrow
+reads itself, and an S3-compatible store's endpoint from `AWS_ENDPOINT_URL`.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode, urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from pipeline.errors import StorageError, UsageError
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 @dataclass(frozen=True)
@@ -27,8 +41,70 @@ class StoredFile:
     size: int
 
 
-def _describe(error: OSError) -> str:
-    return error.strerror or str(error) or type(error).__name__
+# What the AWS SDK's error codes mean to someone running the export, and what to check.
+_S3_ERRORS = (
+    ("NO_SUCH_BUCKET", "the bucket does not exist"),
+    ("ACCESS_DENIED", "access denied: check the credentials' permissions and the bucket policy"),
+    ("INVALID_ACCESS_KEY_ID", "the credentials were rejected: check AWS_ACCESS_KEY_ID"),
+    ("SIGNATURE_DOES_NOT_MATCH", "the credentials were rejected: check AWS_SECRET_ACCESS_KEY"),
+    ("NETWORK_CONNECTION", "cannot reach the storage endpoint: check AWS_ENDPOINT_URL"),
+    ("Could not connect", "cannot reach the storage endpoint: check AWS_ENDPOINT_URL"),
+    ("Unable to connect", "cannot reach the storage endpoint: check AWS_ENDPOINT_URL"),
+)
+_REQUEST_ID = re.compile(r"\s*\(Request ID: [^)]*\)")
+
+
+def _describe(error: BaseException) -> str:
+    """One line a user can act on: the OS reason, or what an object store's error means."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error) or type(error).__name__
+    for marker, meaning in _S3_ERRORS:
+        if marker in text:
+            return meaning
+    if "AWS Error" in text:
+        text = text.split("AWS Error", 1)[1].strip()
+    return _REQUEST_ID.sub("", " ".join(text.split()))
+
+
+def storage_endpoint() -> str | None:
+    """The S3-compatible endpoint the AWS variables name, if any."""
+    return next((os.environ[n] for n in ENDPOINT_ENVS if os.environ.get(n)), None)
+
+
+def _with_endpoint(uri: str) -> str:
+    """Name the endpoint in the URI: not every pyarrow version reads AWS_ENDPOINT_URL."""
+    endpoint = storage_endpoint()
+    parts = urlsplit(uri)
+    if parts.scheme != "s3" or not endpoint or "endpoint_override" in parts.query:
+        return uri
+    query = "&".join(q for q in (parts.query, urlencode({"endpoint_override": endpoint})) if q)
+    return parts._replace(query=query).geturl()
+
+
+_warned: set[str] = set()
+
+
+def _warn_if_plain_http(endpoint: str | None) -> None:
+    parts = urlsplit(endpoint or "")
+    if parts.scheme == "http" and parts.hostname and not _is_loopback(parts.hostname):
+        if endpoint in _warned:
+            return
+        _warned.add(str(endpoint))
+        log.warning(
+            "the storage endpoint %s is plain http: requests are signed but data travels "
+            "unencrypted",
+            endpoint,
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Storage:
@@ -44,10 +120,18 @@ class Storage:
             self._base = str(self._root)
         else:
             try:
-                self.fs, self._base = pafs.FileSystem.from_uri(uri)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as error:
+                self.fs, self._base = pafs.FileSystem.from_uri(_with_endpoint(uri))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as error:
                 raise UsageError(f"cannot open storage {uri!r}: {error}") from None
+            except OSError as error:  # e.g. the bucket's region could not be looked up
+                raise StorageError(f"cannot open storage {uri}: {_describe(error)}") from None
             self._base = self._base.rstrip("/")
+            if self.is_s3:
+                _warn_if_plain_http(storage_endpoint())
+
+    @property
+    def is_s3(self) -> bool:
+        return isinstance(self.fs, pafs.S3FileSystem)
 
     def child(self, relative: str) -> Storage:
         """A storage rooted at a sub-path (`<output>/_state`)."""
@@ -68,9 +152,10 @@ class Storage:
             if self.is_local:
                 self._write_local(path, data)
             else:
+                # the object appears only when close() completes the upload: never in part
                 with self.fs.open_output_stream(self.full_path(path)) as stream:
                     stream.write(data)
-        except OSError as error:
+        except (OSError, pa.ArrowException) as error:
             raise StorageError(f"cannot write {self.display(path)}: {_describe(error)}") from None
 
     def _write_local(self, path: str, data: bytes) -> None:
@@ -96,7 +181,7 @@ class Storage:
                 self.fs.delete_file(self.full_path(path))
         except FileNotFoundError:
             return
-        except OSError as error:
+        except (OSError, pa.ArrowException) as error:
             raise StorageError(f"cannot delete {self.display(path)}: {_describe(error)}") from None
 
     # -- reading -------------------------------------------------------------------------
@@ -110,9 +195,16 @@ class Storage:
                 return stream.read()
         except FileNotFoundError:
             return None
-        except OSError as error:
+        except (OSError, pa.ArrowException) as error:
             if not self.is_local and "does not exist" in str(error).lower():
                 return None
+            raise StorageError(f"cannot read {self.display(path)}: {_describe(error)}") from None
+
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """One Parquet file as a table; a missing or unreadable file is a `StorageError`."""
+        try:
+            return pq.read_table(self.full_path(path), filesystem=self.fs, columns=columns)
+        except (OSError, pa.ArrowException) as error:
             raise StorageError(f"cannot read {self.display(path)}: {_describe(error)}") from None
 
     def list_files(self, prefix: str = "") -> list[StoredFile]:
@@ -120,7 +212,9 @@ class Storage:
         selector = pafs.FileSelector(self.full_path(prefix), recursive=True, allow_not_found=True)
         try:
             infos = self.fs.get_file_info(selector)
-        except OSError as error:
+            if not infos and not self.is_local:
+                self._check_bucket()
+        except (OSError, pa.ArrowException) as error:
             raise StorageError(f"cannot list {self.display(prefix)}: {_describe(error)}") from None
         cut = len(self._base) + 1
         files = [
@@ -130,17 +224,38 @@ class Storage:
         ]
         return sorted(files, key=lambda f: f.path)
 
+    def _check_bucket(self) -> None:
+        """An object store lists a missing bucket as empty; say so instead of finding nothing."""
+        bucket = self._base.split("/", 1)[0]
+        if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise StorageError(f"cannot list {self.uri}: the bucket {bucket!r} does not exist")
+
     # -- locking -------------------------------------------------------------------------
 
     @contextmanager
     def exclusive_lock(self, path: str, holder: str) -> Iterator[None]:
-        """Hold `path` as a lock for the duration; raises LockHeld when another run has it."""
-        if not self.is_local:
-            raise UsageError(f"locking on {self.uri} is not supported yet; use a local --state")
-        from pipeline.lock import local_lock
+        """Hold `path` as a lock for the duration; raises LockHeld when another run has it.
 
-        with local_lock(self._root / path, holder):
-            yield
+        Local disk: an `flock`. S3: a lease object written with conditional requests and
+        renewed while held (see `pipeline.lock`).
+        """
+        from pipeline import lock
+
+        if self.is_local:
+            with lock.local_lock(self._root / path, holder):
+                yield
+        elif self.is_s3:
+            bucket, _, key = self.full_path(path).partition("/")
+            target = lock.LeaseTarget(
+                bucket, key, self.fs.region, storage_endpoint(), self.display(path)
+            )
+            with lock.lease_lock(target, holder):
+                yield
+        else:
+            raise UsageError(
+                f"the run lock cannot live on {self.uri} (only local disk and s3:// have one); "
+                "put --state on local disk or s3://"
+            )
 
 
 def _fsync_dir(directory: Path) -> None:
