@@ -38,7 +38,7 @@ from pipeline.errors import ApiError
 from pipeline.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
 from pipeline.manifest import RunManifest, iso_ms
 from pipeline.sink import ParquetSink
-from pipeline.state import Checkpoint, RunProgress, StateStore, Window
+from pipeline.state import ACTIVE_SCHEMA, Checkpoint, RunProgress, StateStore, Window
 from pipeline.storage import Storage
 from pipeline.walk import prefetched, walk_pages
 
@@ -140,16 +140,6 @@ def session_version(session: Session) -> str:
     return f"{session['id']}|{stamp}"
 
 
-def is_active_row(session: Session, now_ms: int) -> bool:
-    if session.get("closedAt"):
-        return False
-    expires = session.get("expiresAt")
-    try:
-        return not isinstance(expires, str) or parse_timestamp_ms(expires) > now_ms
-    except ValueError:
-        return True
-
-
 def _holder() -> str:
     return f"pid={os.getpid()} host={os.uname().nodename} since={iso_ms(wall_clock_ms())}"
 
@@ -185,9 +175,12 @@ class IncrementalRun:
         self.clock = clock
         self.costs = {"window": PartCost(), "active": PartCost(), "departed": PartCost()}
         self.filler: TriggerConfigFiller | None = None
-        # versions this run wrote of sessions parts 2 and 3 may meet again (live, or live
-        # at the last run): bounded by the active set, unlike all the run's versions
-        self._written_keys: set[str] = set()
+        # versions the window walk met of sessions parts 2 and 3 may meet again (live now,
+        # or live at the last run): bounded by the active set, unlike all the run's versions
+        self._written_keys: list[pa.Array] = []
+        self._live_parts: list[pa.Table] = []  # live sessions the window walk met
+        self._walked_whole_window = False
+        self._previous_active = ACTIVE_SCHEMA.empty_table()
 
     def execute(self) -> RunSummary:
         with self.state.lock(_holder()):
@@ -234,16 +227,22 @@ class IncrementalRun:
                 self.options.enrich_concurrency,
                 checkpoint.without_trigger_config,
             )
+        if self._captures_changes(progress):
+            self._previous_active = self.state.load_active()
         try:
             # nothing is saved before the first flush: a run that fails early leaves no trace
             writer = _Writer(self, checkpoint, progress)
             if not progress.walk_complete:
                 self._walk_window(writer)
-            active = dict(checkpoint.active)
-            if self.options.track_active and "status" not in writer.progress.filters:
-                if self.filler is not None:
-                    self.filler.refresh()
-                active = self._capture_changes(writer, checkpoint)
+            active = None
+            if self._captures_changes(writer.progress):
+                if writer.progress.window.from_ms is None and self._walked_whole_window:
+                    # a walk of the whole history met every live session in its current state
+                    active = _concat_active(self._live_parts)
+                else:
+                    if self.filler is not None:
+                        self.filler.refresh()
+                    active = self._capture_changes(writer)
                 writer.commit(cursor=None, complete=True, save=False)
             return self._finish(
                 checkpoint, writer.progress, active, time.monotonic() - started, resumed
@@ -251,6 +250,9 @@ class IncrementalRun:
         finally:
             if self.filler is not None:
                 self.filler.close()
+
+    def _captures_changes(self, progress: RunProgress) -> bool:
+        return self.options.track_active and "status" not in progress.filters
 
     # -- part 1: the window ------------------------------------------------------------
 
@@ -265,18 +267,22 @@ class IncrementalRun:
         # a re-read window (lookback, rescan, full refresh) writes only versions not stored yet
         known = known_versions(self.output, window.from_ms, window.to_ms, progress.run_id)
         now = self.clock()
-        watched = writer.checkpoint.active
+        capture = self._captures_changes(progress)
+        watched = self._previous_active["id"]
+        whole_history = window.from_ms is None and progress.cursor is None
         for page in prefetched(walk_pages(fetch, progress.cursor)):
             cost.pages += 1
             writer.pages += 1
-            self._written_keys.update(
-                session_version(s)
-                for s in page.sessions
-                if s["id"] in watched or is_active_row(s, now)
-            )
             table = self._table(page.sessions, page.received_at_ms, writer.progress.run_id)
             if table.num_rows:
                 writer.saw_created(pc.max(table["created_at"]).value)
+                if capture:
+                    live = _live_mask(table, now)
+                    self._live_parts.append(_active_rows(table.filter(live)))
+                    if not whole_history:  # else parts 2 and 3 are skipped: no keys needed
+                        met = pc.or_(live, pc.is_in(table["id"], value_set=watched))
+                        keys = version_keys(table.filter(met)).combine_chunks()
+                        self._written_keys.append(keys)
             if len(known) and table.num_rows:
                 fresh = pc.invert(pc.is_in(version_keys(table), value_set=known))
                 skipped = table.num_rows - (pc.sum(fresh).as_py() or 0)
@@ -289,21 +295,22 @@ class IncrementalRun:
                 writer.commit(page.next_cursor, page.next_cursor is None, save=True)
         if not writer.progress.walk_complete:
             writer.commit(None, True, save=True)
+        self._walked_whole_window = progress.cursor is None
 
     # -- parts 2 and 3: the active set and the departed ---------------------------------
 
-    def _capture_changes(self, writer: _Writer, checkpoint: Checkpoint) -> dict[str, list]:
-        previous = checkpoint.active
-        known = {f"{sid}|{'null' if v[1] is None else v[1]}" for sid, v in previous.items()}
-        known |= self._written_keys
+    def _capture_changes(self, writer: _Writer) -> pa.Table:
+        previous = self._previous_active
+        keys = [_active_keys(previous), *self._written_keys]
         if writer.progress.resumed:
             # versions this run wrote before it was interrupted (their keys were in memory)
             for path in writer.progress.files:
                 table = read_file(self.output, path, columns=["id", "updated_at"])
-                known.update(version_keys(table).to_pylist())
+                keys.append(version_keys(table).combine_chunks())
+        known = pa.chunked_array(keys, pa.string()).combine_chunks()
         filters = {**writer.progress.filters, "status": "ACTIVE"}
         cost = self.costs["active"]
-        active: dict[str, list[int | None]] = {}
+        live: list[pa.Table] = []
 
         def fetch(cursor: str | None) -> SessionPage:
             return self.client.list_sessions(list_params(Window(None, None), filters, cursor))
@@ -311,42 +318,30 @@ class IncrementalRun:
         for page in prefetched(walk_pages(fetch)):
             cost.pages += 1
             writer.pages += 1
-            fresh = []
-            for session in page.sessions:
-                key = session_version(session)
-                active[session["id"]] = [
-                    parse_timestamp_ms(session["createdAt"]),
-                    int(key.rsplit("|", 1)[1]) if not key.endswith("|null") else None,
-                ]
-                if key in known:
-                    cost.unchanged += 1
-                    writer.unchanged += 1
-                else:
-                    fresh.append(session)
-            table = self._table(fresh, page.received_at_ms, writer.progress.run_id)
-            cost.rows += table.num_rows
-            writer.add(table)
-            if writer.sink.should_flush():
-                writer.commit(None, True, save=False)
+            live.append(_active_rows_of(page.sessions))
+            self._write_versions(writer, page.sessions, page.received_at_ms, known, cost)
 
-        departed = {sid: v for sid, v in previous.items() if sid not in active}
-        if departed:
+        active = _concat_active(live)
+        gone = pc.invert(pc.is_in(previous["id"], value_set=active["id"]))
+        departed = previous.filter(gone)
+        if departed.num_rows:
             self._read_departed(writer, departed, known)
         log.info(
             "active sessions: %d now, %d at the last run, %d departed",
-            len(active),
-            len(previous),
-            len(departed),
+            active.num_rows,
+            previous.num_rows,
+            departed.num_rows,
         )
         return active
 
-    def _read_departed(self, writer: _Writer, departed: dict[str, list], known: set[str]) -> None:
+    def _read_departed(self, writer: _Writer, departed: pa.Table, known: pa.Array) -> None:
+        """Final state of sessions that left the active set: closed or expired since."""
         cost = self.costs["departed"]
-        low = min(v[0] for v in departed.values())
-        high = max(v[0] for v in departed.values())
+        low = pc.min(departed["created_ms"]).as_py()
+        high = pc.max(departed["created_ms"]).as_py()
         estimated_pages = 2 * math.ceil(self._stored_rows(low, high) / PAGE_SIZE)
-        remaining = set(departed)
-        if estimated_pages < len(departed):
+        remaining = set(departed["id"].to_pylist())
+        if estimated_pages < len(remaining):
             cost.strategy = "list CLOSED and EXPIRED"
             for status in ("CLOSED", "EXPIRED"):
                 filters = {**writer.progress.filters, "status": status}
@@ -374,10 +369,15 @@ class IncrementalRun:
         writer: _Writer,
         sessions: list[Session],
         received_ms: int,
-        known: set[str],
+        known: pa.Array,
         cost: PartCost,
     ) -> None:
-        fresh = [s for s in sessions if session_version(s) not in known]
+        """Write the sessions whose version is not among `known`."""
+        if not sessions:
+            return
+        keys = pa.array([session_version(s) for s in sessions], pa.string())
+        stored = pc.is_in(keys, value_set=known).to_pylist()
+        fresh = [s for s, old in zip(sessions, stored, strict=True) if not old]
         cost.unchanged += len(sessions) - len(fresh)
         writer.unchanged += len(sessions) - len(fresh)
         table = self._table(fresh, received_ms, writer.progress.run_id)
@@ -413,7 +413,7 @@ class IncrementalRun:
         self,
         checkpoint: Checkpoint,
         progress: RunProgress,
-        active: dict[str, list],
+        active: pa.Table | None,
         seconds: float,
         resumed: bool,
     ) -> RunSummary:
@@ -448,10 +448,12 @@ class IncrementalRun:
                     "single_fetches": fetches,
                     "from_dataset": self.filler.from_dataset if self.filler else 0,
                 },
-                "active_sessions": len(active),
+                "active_sessions": None if active is None else active.num_rows,
             },
         )
         manifest.write(self.output)
+        if active is not None:
+            self.state.save_active(active)
         self.state.save(
             Checkpoint(
                 high_water_ms=high_water,
@@ -459,7 +461,7 @@ class IncrementalRun:
                 last_success_ms=finished,
                 filters=progress.filters,
                 in_progress=None,
-                active=active,
+                active_sessions=active.num_rows if active is not None else 0,
                 without_trigger_config=self._without_config(high_water, active),
             )
         )
@@ -481,16 +483,74 @@ class IncrementalRun:
             single_fetches=fetches + departed,
         )
 
-    def _without_config(self, high_water: int | None, active: dict[str, list]) -> dict[str, int]:
+    def _without_config(self, high_water: int | None, active: pa.Table | None) -> dict[str, int]:
         """Ids without a triggerConfig that later runs may meet again (re-read or active)."""
-        if self.filler is None:
+        if self.filler is None or not self.filler.without_config:
             return {}
         oldest = (high_water or 0) - max(self.options.lookback_ms, self.options.rescan_ms)
+        ids = pa.array(list(self.filler.without_config), pa.string())
+        live = set()
+        if active is not None:
+            live = set(ids.filter(pc.is_in(ids, value_set=active["id"])).to_pylist())
         return {
             sid: created
             for sid, created in self.filler.without_config.items()
-            if created >= oldest or sid in active
+            if created >= oldest or sid in live
         }
+
+
+def _live_mask(table: pa.Table, now_ms: int) -> pa.Array:
+    """Rows of sessions still ACTIVE: not closed, and not expired by `now_ms`."""
+    expires = table["expires_at"].cast(pa.int64())
+    not_expired = pc.or_(pc.is_null(expires), pc.fill_null(pc.greater(expires, now_ms), False))
+    return pc.and_(pc.is_null(table["closed_at"]), not_expired)
+
+
+def _active_rows(table: pa.Table) -> pa.Table:
+    return pa.table(
+        {
+            "id": table["id"],
+            "created_ms": table["created_at"].cast(pa.int64()),
+            "updated_ms": table["updated_at"].cast(pa.int64()),
+        },
+        schema=ACTIVE_SCHEMA,
+    )
+
+
+def _active_rows_of(sessions: list[Session]) -> pa.Table:
+    """id, createdAt and updatedAt (epoch ms) of listed sessions."""
+    updated = [s.get("updatedAt") for s in sessions]
+    return pa.table(
+        {
+            "id": [s["id"] for s in sessions],
+            "created_ms": [parse_timestamp_ms(s["createdAt"]) for s in sessions],
+            "updated_ms": [parse_timestamp_ms(u) if isinstance(u, str) else None for u in updated],
+        },
+        schema=ACTIVE_SCHEMA,
+    )
+
+
+def _concat_active(parts: list[pa.Table]) -> pa.Table:
+    if not parts:
+        return ACTIVE_SCHEMA.empty_table()
+    table = pa.concat_tables(parts).combine_chunks()
+    # a session listed twice (it moved between pages) counts once, with its newest version
+    grouped = table.group_by("id").aggregate([("created_ms", "max"), ("updated_ms", "max")])
+    return pa.table(
+        {
+            "id": grouped["id"],
+            "created_ms": grouped["created_ms_max"],
+            "updated_ms": grouped["updated_ms_max"],
+        },
+        schema=ACTIVE_SCHEMA,
+    )
+
+
+def _active_keys(active: pa.Table) -> pa.Array:
+    """Version keys (`id|updatedAt-ms`) of the stored active set."""
+    return version_keys(
+        pa.table({"id": active["id"], "updated_at": active["updated_ms"].cast(pa.timestamp("ms"))})
+    ).combine_chunks()
 
 
 class _Writer:

@@ -10,10 +10,17 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipeline.errors import StorageError
 from pipeline.storage import Storage
 
 CHECKPOINT_FILE = "checkpoint.json"
+ACTIVE_FILE = "active.parquet"  # the sessions ACTIVE at the last run (change capture)
+ACTIVE_SCHEMA = pa.schema(
+    [("id", pa.string()), ("created_ms", pa.int64()), ("updated_ms", pa.int64())]
+)
 LOCK_FILE = "lock"
 STATE_VERSION = 1
 
@@ -61,8 +68,7 @@ class Checkpoint:
     last_success_ms: int | None = None
     filters: dict[str, str] = field(default_factory=dict)
     in_progress: RunProgress | None = None
-    # sessions ACTIVE at the last run: id -> [createdAt ms, updatedAt ms or None]
-    active: dict[str, list[int | None]] = field(default_factory=dict)
+    active_sessions: int = 0  # how many are in active.parquet beside the checkpoint
     # sessions known to have no triggerConfig (not fetched again): id -> createdAt ms
     without_trigger_config: dict[str, int] = field(default_factory=dict)
     version: int = STATE_VERSION
@@ -89,7 +95,7 @@ class Checkpoint:
                 "last_run_id",
                 "last_success_ms",
                 "filters",
-                "active",
+                "active_sessions",
                 "without_trigger_config",
             )
             if k in raw
@@ -118,8 +124,27 @@ class StateStore:
     def save(self, checkpoint: Checkpoint) -> None:
         self.storage.write_bytes(CHECKPOINT_FILE, checkpoint.to_json())
 
+    def load_active(self) -> pa.Table:
+        """Sessions ACTIVE at the last run: id, createdAt and updatedAt in epoch ms."""
+        data = self.storage.read_bytes(ACTIVE_FILE)
+        if data is None:
+            return ACTIVE_SCHEMA.empty_table()
+        try:
+            return pq.read_table(pa.BufferReader(data)).cast(ACTIVE_SCHEMA)
+        except (pa.ArrowInvalid, ValueError) as error:
+            raise StorageError(
+                f"{self.storage.display(ACTIVE_FILE)} is unreadable ({error}); delete it "
+                "(the next run then treats no session as previously active)"
+            ) from None
+
+    def save_active(self, table: pa.Table) -> None:
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table.cast(ACTIVE_SCHEMA), buffer, compression="zstd")
+        self.storage.write_bytes(ACTIVE_FILE, memoryview(buffer.getvalue()))
+
     def reset(self) -> None:
         self.storage.delete(CHECKPOINT_FILE)
+        self.storage.delete(ACTIVE_FILE)
 
     def lock(self, holder: str):  # noqa: ANN201 - a context manager
         return self.storage.exclusive_lock(LOCK_FILE, holder)

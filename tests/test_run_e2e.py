@@ -84,12 +84,10 @@ def test_manifest_and_checkpoint_after_a_run(emulator, output):
     assert len(manifests) == 1
     manifest = json.loads(manifests[0].read_text())
     parts = manifest["extra"]["parts"]
-    active_pages = math.ceil(manifest["extra"]["active_sessions"] / 100)
     assert manifest["rows"] == 500 and parts["window"]["pages"] == 5
-    # ACTIVE pages can come back short (the server filters status twice)
-    assert active_pages <= parts["active"]["pages"] <= active_pages + 2
-    assert parts["active"]["rows"] == 0  # all written by the window walk already
-    assert manifest["pages"] == 5 + parts["active"]["pages"]
+    # a walk of the whole history meets every live session: no ACTIVE listing needed
+    assert parts["active"]["pages"] == 0 and manifest["extra"]["active_sessions"] > 0
+    assert manifest["pages"] == 5
     fetches = manifest["extra"]["trigger_config"]["single_fetches"]
     assert fetches == 500  # list rows omit triggerConfig: one GET per session
     assert manifest["requests"] == manifest["pages"] + fetches + manifest["retries"]
