@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 Config = dict[str, Any] | None  # None: the session has no triggerConfig
 _COLUMNS = [c.name for c in TRIGGER_CONFIG_COLUMNS]
-_MEMORY = 200_000  # configurations kept in memory; older ones are found again in the dataset
+_MEMORY = 20_000  # configurations kept in memory; older ones are found again in the dataset
 
 
 def config_from_row(row: dict[str, Any]) -> Config:
@@ -88,11 +88,11 @@ class TriggerConfigFiller:
                 session[TRIGGER_CONFIG] = config
 
     def remember_listed(self, sessions: list[dict[str, Any]]) -> None:
-        """Keep configurations that list rows did carry, for later versions of them."""
-        for session in sessions:
-            if TRIGGER_CONFIG in session and isinstance(session[TRIGGER_CONFIG], dict):
-                self.lists_carry_config = True
-                self._put(session["id"], session[TRIGGER_CONFIG])
+        """Notice whether list rows carry triggerConfig (then nothing needs fetching)."""
+        if not self.lists_carry_config:
+            self.lists_carry_config = any(
+                isinstance(s.get(TRIGGER_CONFIG), dict) for s in sessions
+            )
 
     def refresh(self) -> None:
         """Forget which partitions were read: this run has flushed more files since."""

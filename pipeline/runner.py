@@ -38,7 +38,14 @@ from pipeline.errors import ApiError
 from pipeline.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
 from pipeline.manifest import RunManifest, iso_ms
 from pipeline.sink import ParquetSink
-from pipeline.state import ACTIVE_SCHEMA, Checkpoint, RunProgress, StateStore, Window
+from pipeline.state import (
+    ACTIVE_SCHEMA,
+    ActiveSetBuilder,
+    Checkpoint,
+    RunProgress,
+    StateStore,
+    Window,
+)
 from pipeline.storage import Storage
 from pipeline.walk import prefetched, walk_pages
 
@@ -178,7 +185,7 @@ class IncrementalRun:
         # versions the window walk met of sessions parts 2 and 3 may meet again (live now,
         # or live at the last run): bounded by the active set, unlike all the run's versions
         self._written_keys: list[pa.Array] = []
-        self._live_parts: list[pa.Table] = []  # live sessions the window walk met
+        self._live = ActiveSetBuilder()  # live sessions the window walk met
         self._walked_whole_window = False
         self._previous_active = ACTIVE_SCHEMA.empty_table()
 
@@ -238,7 +245,7 @@ class IncrementalRun:
             if self._captures_changes(writer.progress):
                 if writer.progress.window.from_ms is None and self._walked_whole_window:
                     # a walk of the whole history met every live session in its current state
-                    active = _concat_active(self._live_parts)
+                    active = self._live
                 else:
                     if self.filler is not None:
                         self.filler.refresh()
@@ -248,6 +255,7 @@ class IncrementalRun:
                 checkpoint, writer.progress, active, time.monotonic() - started, resumed
             )
         finally:
+            self._live.discard()
             if self.filler is not None:
                 self.filler.close()
 
@@ -278,7 +286,7 @@ class IncrementalRun:
                 writer.saw_created(pc.max(table["created_at"]).value)
                 if capture:
                     live = _live_mask(table, now)
-                    self._live_parts.append(_active_rows(table.filter(live)))
+                    self._live.add(_active_rows(table.filter(live)))
                     if not whole_history:  # else parts 2 and 3 are skipped: no keys needed
                         met = pc.or_(live, pc.is_in(table["id"], value_set=watched))
                         keys = version_keys(table.filter(met)).combine_chunks()
@@ -299,7 +307,7 @@ class IncrementalRun:
 
     # -- parts 2 and 3: the active set and the departed ---------------------------------
 
-    def _capture_changes(self, writer: _Writer) -> pa.Table:
+    def _capture_changes(self, writer: _Writer) -> ActiveSetBuilder:
         previous = self._previous_active
         keys = [_active_keys(previous), *self._written_keys]
         if writer.progress.resumed:
@@ -310,7 +318,7 @@ class IncrementalRun:
         known = pa.chunked_array(keys, pa.string()).combine_chunks()
         filters = {**writer.progress.filters, "status": "ACTIVE"}
         cost = self.costs["active"]
-        live: list[pa.Table] = []
+        active = ActiveSetBuilder()
 
         def fetch(cursor: str | None) -> SessionPage:
             return self.client.list_sessions(list_params(Window(None, None), filters, cursor))
@@ -318,17 +326,18 @@ class IncrementalRun:
         for page in prefetched(walk_pages(fetch)):
             cost.pages += 1
             writer.pages += 1
-            live.append(_active_rows_of(page.sessions))
+            active.add(_active_rows_of(page.sessions))
             self._write_versions(writer, page.sessions, page.received_at_ms, known, cost)
 
-        active = _concat_active(live)
-        gone = pc.invert(pc.is_in(previous["id"], value_set=active["id"]))
+        data = active.finish()
+        now_live = pq.read_table(pa.BufferReader(data), columns=["id"])["id"]
+        gone = pc.invert(pc.is_in(previous["id"], value_set=now_live))
         departed = previous.filter(gone)
         if departed.num_rows:
             self._read_departed(writer, departed, known)
         log.info(
             "active sessions: %d now, %d at the last run, %d departed",
-            active.num_rows,
+            len(now_live),
             previous.num_rows,
             departed.num_rows,
         )
@@ -413,7 +422,7 @@ class IncrementalRun:
         self,
         checkpoint: Checkpoint,
         progress: RunProgress,
-        active: pa.Table | None,
+        active: ActiveSetBuilder | None,
         seconds: float,
         resumed: bool,
     ) -> RunSummary:
@@ -448,12 +457,12 @@ class IncrementalRun:
                     "single_fetches": fetches,
                     "from_dataset": self.filler.from_dataset if self.filler else 0,
                 },
-                "active_sessions": None if active is None else active.num_rows,
+                "active_sessions": None if active is None else active.count,
             },
         )
         manifest.write(self.output)
         if active is not None:
-            self.state.save_active(active)
+            self.state.save_active(active.finish())
         self.state.save(
             Checkpoint(
                 high_water_ms=high_water,
@@ -461,7 +470,7 @@ class IncrementalRun:
                 last_success_ms=finished,
                 filters=progress.filters,
                 in_progress=None,
-                active_sessions=active.num_rows if active is not None else 0,
+                active_sessions=active.count if active is not None else 0,
                 without_trigger_config=self._without_config(high_water, active),
             )
         )
@@ -483,7 +492,9 @@ class IncrementalRun:
             single_fetches=fetches + departed,
         )
 
-    def _without_config(self, high_water: int | None, active: pa.Table | None) -> dict[str, int]:
+    def _without_config(
+        self, high_water: int | None, active: ActiveSetBuilder | None
+    ) -> dict[str, int]:
         """Ids without a triggerConfig that later runs may meet again (re-read or active)."""
         if self.filler is None or not self.filler.without_config:
             return {}
@@ -491,7 +502,8 @@ class IncrementalRun:
         ids = pa.array(list(self.filler.without_config), pa.string())
         live = set()
         if active is not None:
-            live = set(ids.filter(pc.is_in(ids, value_set=active["id"])).to_pylist())
+            live_ids = pq.read_table(pa.BufferReader(active.finish()), columns=["id"])["id"]
+            live = set(ids.filter(pc.is_in(ids, value_set=live_ids)).to_pylist())
         return {
             sid: created
             for sid, created in self.filler.without_config.items()
@@ -525,22 +537,6 @@ def _active_rows_of(sessions: list[Session]) -> pa.Table:
             "id": [s["id"] for s in sessions],
             "created_ms": [parse_timestamp_ms(s["createdAt"]) for s in sessions],
             "updated_ms": [parse_timestamp_ms(u) if isinstance(u, str) else None for u in updated],
-        },
-        schema=ACTIVE_SCHEMA,
-    )
-
-
-def _concat_active(parts: list[pa.Table]) -> pa.Table:
-    if not parts:
-        return ACTIVE_SCHEMA.empty_table()
-    table = pa.concat_tables(parts).combine_chunks()
-    # a session listed twice (it moved between pages) counts once, with its newest version
-    grouped = table.group_by("id").aggregate([("created_ms", "max"), ("updated_ms", "max")])
-    return pa.table(
-        {
-            "id": grouped["id"],
-            "created_ms": grouped["created_ms_max"],
-            "updated_ms": grouped["updated_ms_max"],
         },
         schema=ACTIVE_SCHEMA,
     )

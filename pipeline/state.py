@@ -6,8 +6,12 @@ or writes them. The secret key is never part of the state.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -137,10 +141,8 @@ class StateStore:
                 "(the next run then treats no session as previously active)"
             ) from None
 
-    def save_active(self, table: pa.Table) -> None:
-        buffer = pa.BufferOutputStream()
-        pq.write_table(table.cast(ACTIVE_SCHEMA), buffer, compression="zstd")
-        self.storage.write_bytes(ACTIVE_FILE, memoryview(buffer.getvalue()))
+    def save_active(self, parquet_bytes: bytes) -> None:
+        self.storage.write_bytes(ACTIVE_FILE, parquet_bytes)
 
     def reset(self) -> None:
         self.storage.delete(CHECKPOINT_FILE)
@@ -148,3 +150,67 @@ class StateStore:
 
     def lock(self, holder: str):  # noqa: ANN201 - a context manager
         return self.storage.exclusive_lock(LOCK_FILE, holder)
+
+
+class ActiveSetBuilder:
+    """Collects the active set page by page into a Parquet file on local disk, so that
+    memory stays flat however many sessions are live."""
+
+    _BATCH_ROWS = 50_000
+
+    def __init__(self) -> None:
+        self._path: Path | None = None
+        self._writer: pq.ParquetWriter | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self.count = 0
+        self._data: bytes | None = None
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._pending.append(table.cast(ACTIVE_SCHEMA))
+            self._pending_rows += table.num_rows
+            self.count += table.num_rows
+            if self._pending_rows >= self._BATCH_ROWS:
+                self._write_pending()
+
+    def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            handle, name = tempfile.mkstemp(prefix="active-", suffix=".parquet")
+            os.close(handle)
+            self._path = Path(name)
+            self._writer = pq.ParquetWriter(str(self._path), ACTIVE_SCHEMA, compression="zstd")
+        self._writer.write_table(pa.concat_tables(self._pending))
+        self._pending, self._pending_rows = [], 0
+
+    def finish(self) -> bytes:
+        """The whole set as Parquet bytes (the same bytes on every call)."""
+        if self._data is None:
+            if self._writer is None:  # small enough never to have touched the disk
+                buffer = pa.BufferOutputStream()
+                pq.write_table(
+                    pa.concat_tables(self._pending)
+                    if self._pending
+                    else ACTIVE_SCHEMA.empty_table(),
+                    buffer,
+                    compression="zstd",
+                )
+                self._data = buffer.getvalue().to_pybytes()
+            else:
+                self._write_pending()
+                self._writer.close()
+                self._data = self._path.read_bytes()
+                self.discard()
+        return self._data
+
+    def discard(self) -> None:
+        """Remove the temporary file (also after a failed run)."""
+        if self._writer is not None and self._data is None:
+            with contextlib.suppress(OSError, pa.ArrowException):
+                self._writer.close()
+        self._writer = None
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+            self._path = None
