@@ -156,7 +156,7 @@ class ActiveSetBuilder:
     """Collects the active set page by page into a Parquet file on local disk, so that
     memory stays flat however many sessions are live."""
 
-    _BATCH_ROWS = 50_000
+    _BATCH_ROWS = 20_000
 
     def __init__(self) -> None:
         self._path: Path | None = None
