@@ -1,8 +1,9 @@
 """`make demo`: the incremental export against the bundled emulator, no key, no network.
 
 Starts `sessions-export emulator` on a free loopback port, runs `sessions-export run` into
-`output/` (twice: the second run shows what an incremental run with nothing new costs),
-reads the dataset back with `verify`, and prints a short summary.
+`output/`, changes sessions through the emulator's API (close, update, create), runs again
+to show the incremental run picking the changes up, compacts, verifies, and prints a short
+summary.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import httpx
 
 DEMO_KEY = "tr_dev_local_emulator_demo"  # the emulator accepts any well-formed dev key
 OUTPUT = Path("output")
@@ -72,28 +75,49 @@ def main() -> None:
         url = f"http://{url}"
         print(f"emulator: {line.strip()}")
         env = {**os.environ, "TRIGGER_SECRET_KEY": DEMO_KEY, "TRIGGER_API_URL": url}
-        for label in ("first run (whole history)", "second run (nothing new)"):
-            started = time.monotonic()
-            result = _cli(
-                "run",
-                "--output",
-                str(OUTPUT),
-                "--log-format",
-                "text",
-                "--log-level",
-                "warning",
-                env=env,
-            )
-            if result.returncode != 0:
-                sys.stderr.write(result.stderr)
-                sys.exit(f"demo: the export failed with exit {result.returncode}")
-            print(f"{label}: {result.stdout.strip()} [{time.monotonic() - started:.1f}s wall]")
-        verify = _cli("verify", "--output", str(OUTPUT), env=env)
-        print(verify.stdout.strip())
+        _export("first run (whole history)", env)
+        print(_change_sessions(url))
+        _export("second run (picks up the changes)", env)
+        for command in (("compact",), ("verify", "--strict")):
+            result = _cli(*command, "--output", str(OUTPUT), env=env)
+            print(result.stdout.strip())
         _summary()
     finally:
         emulator.terminate()
         emulator.wait(timeout=10)
+
+
+def _export(label: str, env: dict[str, str]) -> None:
+    started = time.monotonic()
+    result = _cli(
+        "run", "--output", str(OUTPUT), "--log-format", "text", "--log-level", "warning", env=env
+    )
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr)
+        sys.exit(f"demo: the export failed with exit {result.returncode}")
+    print(f"{label}: {result.stdout.strip()} [{time.monotonic() - started:.1f}s wall]")
+
+
+def _change_sessions(url: str) -> str:
+    """Change data through the API, as an application using Trigger.dev would."""
+    headers = {"Authorization": f"Bearer {DEMO_KEY}"}
+    with httpx.Client(base_url=f"{url}/api/v1/sessions", headers=headers, timeout=30) as api:
+        live = api.get("", params={"filter[status]": "ACTIVE", "page[size]": "100"}).json()
+        ids = [s["id"] for s in live["data"]]
+        for session_id in ids[:30]:
+            api.post(f"/{session_id}/close", json={"reason": "demo closed it"}).raise_for_status()
+        for session_id in ids[30:50]:
+            api.patch(f"/{session_id}", json={"metadata": {"demo": "edited"}}).raise_for_status()
+        for n in range(50):
+            api.post(
+                "",
+                json={
+                    "type": "chat.agent",
+                    "taskIdentifier": "demo-chat",
+                    "externalId": f"demo-{n}",
+                },
+            ).raise_for_status()
+    return "changed through the API: closed 30, updated 20, created 50 sessions"
 
 
 def _summary() -> None:
