@@ -237,8 +237,16 @@ def run(settings: Settings, full_refresh: bool, compact_after: bool) -> None:
 
     try:
         state = state_store(settings)
-        with make_client(settings) as client:
-            summary = IncrementalRun(client, output_storage(settings), state, options).execute()
+        from pipeline.progress import RunProgressDisplay
+
+        display = RunProgressDisplay()
+        try:
+            with make_client(settings) as client:
+                summary = IncrementalRun(
+                    client, output_storage(settings), state, options, on_progress=display
+                ).execute()
+        finally:
+            display.close()
         click.echo(summary.line())
         log_summary(summary, settings.environment)
         if compact_after and summary.files:

@@ -90,9 +90,7 @@ class TriggerConfigFiller:
     def remember_listed(self, sessions: list[dict[str, Any]]) -> None:
         """Notice whether list rows carry triggerConfig (then nothing needs fetching)."""
         if not self.lists_carry_config:
-            self.lists_carry_config = any(
-                isinstance(s.get(TRIGGER_CONFIG), dict) for s in sessions
-            )
+            self.lists_carry_config = any(isinstance(s.get(TRIGGER_CONFIG), dict) for s in sessions)
 
     def refresh(self) -> None:
         """Forget which partitions were read: this run has flushed more files since."""

@@ -85,3 +85,48 @@ def _eta(seconds: float | None) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class RunProgressDisplay:
+    """Progress of `run`: a live counter on a terminal, a log line every 10 s elsewhere.
+
+    The listing has no total, so it shows what has been done: pages, sessions, requests.
+    """
+
+    def __init__(self, interactive: bool | None = None) -> None:
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self._bar: tqdm | None = None
+        self._started = time.monotonic()
+        self._last_log = self._started
+
+    def __call__(self, part: str, pages: int, sessions: int, requests: int) -> None:
+        elapsed = max(1e-6, time.monotonic() - self._started)
+        if self.interactive:
+            if self._bar is None:
+                self._bar = tqdm(unit=" pages", desc="export", file=sys.stderr, leave=False)
+            self._bar.n = pages
+            self._bar.set_postfix_str(
+                f"{part}: {sessions} sessions, {requests} requests, {requests / elapsed:.1f} req/s",
+                refresh=True,
+            )
+        elif time.monotonic() - self._last_log >= LOG_EVERY_S:
+            self._last_log = time.monotonic()
+            log.info(
+                "run progress (%s): %d pages, %d sessions, %d requests",
+                part,
+                pages,
+                sessions,
+                requests,
+                extra={
+                    "fields": {
+                        "part": part,
+                        "pages": pages,
+                        "sessions": sessions,
+                        "requests": requests,
+                    }
+                },
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -174,12 +174,14 @@ class IncrementalRun:
         state: StateStore,
         options: RunOptions,
         clock: Clock = wall_clock_ms,
+        on_progress: Callable[[str, int, int, int], None] | None = None,
     ) -> None:
         self.client = client
         self.output = output
         self.state = state
         self.options = options
         self.clock = clock
+        self.on_progress = on_progress
         self.costs = {"window": PartCost(), "active": PartCost(), "departed": PartCost()}
         self.filler: TriggerConfigFiller | None = None
         # versions the window walk met of sessions parts 2 and 3 may meet again (live now,
@@ -298,7 +300,7 @@ class IncrementalRun:
                 writer.unchanged += skipped
                 table = table.filter(fresh)
             cost.rows += table.num_rows
-            writer.add(table)
+            writer.add(table, "window")
             if writer.sink.should_flush():
                 writer.commit(page.next_cursor, page.next_cursor is None, save=True)
         if not writer.progress.walk_complete:
@@ -391,7 +393,7 @@ class IncrementalRun:
         writer.unchanged += len(sessions) - len(fresh)
         table = self._table(fresh, received_ms, writer.progress.run_id)
         cost.rows += table.num_rows
-        writer.add(table)
+        writer.add(table, "changes")
         if writer.sink.should_flush():
             writer.commit(None, True, save=False)
 
@@ -564,9 +566,16 @@ class _Writer:
         stats = run.client.stats
         self._base = (stats.requests, stats.retries, stats.rate_limited)
 
-    def add(self, table: pa.Table) -> None:
+    def add(self, table: pa.Table, part: str) -> None:
         self.sink.add(table)
         self.rows += table.num_rows
+        if self.run.on_progress is not None:
+            self.run.on_progress(
+                part,
+                self.progress.pages + self.pages,
+                self.progress.rows + self.rows,
+                self.run.client.stats.requests,
+            )
 
     def saw_created(self, created_ms: int) -> None:
         if self.max_created is None or created_ms > self.max_created:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from pipeline.schema import SCHEMA
 from tests.conftest import (
+    ROOT,
     api,
     assert_dataset_equals,
     data_files,
@@ -249,3 +250,20 @@ def test_missing_or_rejected_key_exits_3_without_traceback(emulator, output):
     assert not state.exists() or json.loads(state.read_text())["high_water_ms"] is None
     assert not data_files(output) if (output / "sessions").exists() else True
     assert os.environ.get("TRIGGER_SECRET_KEY") != "tr_dev_wrong_key_123"
+
+
+def test_readme_duckdb_query_returns_the_latest_version_of_each_session(emulator, output):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### DuckDB"):]
+    sql = section[section.index("```sql") + len("```sql"):section.index("```", section.index("```sql") + 6)]
+    emu = emulator(sessions=400, seed=14, list_trigger_config="include")
+    assert run_cli("run", "--output", str(output), "--rescan", "60d", url=emu.url).returncode == 0
+    for session in emulator_sessions(emu.url)[:20]:
+        api(emu.url, "PATCH", f"/{session['id']}", {"tags": ["readme"]})
+    assert run_cli("run", "--output", str(output), "--rescan", "60d", url=emu.url).returncode == 0
+    assert read_dataset(output).num_rows == 420  # two versions of 20 sessions
+    query = sql.replace("output/sessions", str(output / "sessions")).rstrip().rstrip(";")
+    connection = duckdb.connect()
+    rows = connection.execute(f"SELECT id, tags FROM ({query})").fetchall()
+    truth = {s["id"]: s["tags"] for s in emulator_sessions(emu.url)}
+    assert dict(rows) == truth
