@@ -9,7 +9,6 @@ with capped, fully jittered exponential backoff. The secret key lives only in th
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import random
 import threading
@@ -29,6 +28,7 @@ from tenacity import (
 )
 
 from pipeline.errors import ApiError, AuthError, QueryRejected, UsageError
+from pipeline.hosts import is_loopback
 from pipeline.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def check_base_url(url: str, allow_insecure_http: bool) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"the API URL {url!r} is not an http(s) URL with a host")
-    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not allow_insecure_http and not is_loopback(parts.hostname):
         raise UsageError(
             f"refusing plain http to {parts.hostname}: the key would travel unencrypted; "
             "use https, or set allow_insecure_http = true if you really mean it"
@@ -103,15 +103,6 @@ def check_secret_key(key: str | None) -> str:
             "TRIGGER_SECRET_KEY does not look like a secret key (tr_dev_…, tr_stg_…, tr_prod_…)"
         )
     return key
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class TriggerClient:

@@ -13,7 +13,6 @@ reads itself, and an S3-compatible store's endpoint from `AWS_ENDPOINT_URL`.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.errors import StorageError, UsageError
+from pipeline.hosts import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ _warned: set[str] = set()
 
 def _warn_if_plain_http(endpoint: str | None) -> None:
     parts = urlsplit(endpoint or "")
-    if parts.scheme == "http" and parts.hostname and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and parts.hostname and not is_loopback(parts.hostname):
         if endpoint in _warned:
             return
         _warned.add(str(endpoint))
@@ -96,15 +96,6 @@ def _warn_if_plain_http(endpoint: str | None) -> None:
             "unencrypted",
             endpoint,
         )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Storage:

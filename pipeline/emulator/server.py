@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
@@ -17,6 +16,7 @@ from pipeline.emulator.app import DroppedConnection, EmulatorApp
 from pipeline.emulator.config import EmulatorConfig
 from pipeline.emulator.stats import EmulatorStats
 from pipeline.emulator.store import SessionStore
+from pipeline.hosts import is_loopback
 
 _STARTUP_TIMEOUT_S = 30.0
 
@@ -27,15 +27,6 @@ class _HideDroppedConnections(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         return not isinstance(error, DroppedConnection)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def build_app(config: EmulatorConfig) -> EmulatorApp:
