@@ -61,11 +61,10 @@ def latest_versions(table: pa.Table) -> pa.Table:
     order = pc.sort_indices(
         table,
         sort_keys=[
-            ("id", "ascending"),
-            ("updated_at", "descending"),
-            ("extracted_at", "descending"),
+            ("id", "ascending", "at_end"),
+            ("updated_at", "descending", "at_end"),  # null counts as the oldest
+            ("extracted_at", "descending", "at_end"),
         ],
-        null_placement="at_end",
     )
     ordered = table.take(order)
     ids = ordered["id"]
