@@ -318,6 +318,9 @@ def backfill(settings: Settings, restart: bool) -> None:
     finally:
         progress.close()
     click.echo(summary.line())
+    from pipeline.metrics import log_summary
+
+    log_summary(summary, settings.environment)
 
 
 def _touched_partitions(settings: Settings, run_id: str) -> list[str]:
