@@ -161,7 +161,7 @@ def make_client(settings: Settings, concurrency: int = 1):  # noqa: ANN201
         concurrency=concurrency
         + (settings.enrich_concurrency if settings.enrich_trigger_config else 0),
     )
-    return TriggerClient(client_settings, key)
+    return TriggerClient(client_settings, key, key_variable=settings.secret_key_env)
 
 
 class _Commands(click.Group):

@@ -95,12 +95,12 @@ def check_base_url(url: str, allow_insecure_http: bool) -> str:
     return url.rstrip("/")
 
 
-def check_secret_key(key: str | None) -> str:
+def check_secret_key(key: str | None, variable: str = "TRIGGER_SECRET_KEY") -> str:
     if not key:
-        raise AuthError("TRIGGER_SECRET_KEY is not set: export your environment's secret key")
+        raise AuthError(f"{variable} is not set: export your environment's secret key")
     if not key.startswith(KEY_PREFIXES):
         raise AuthError(
-            "TRIGGER_SECRET_KEY does not look like a secret key (tr_dev_…, tr_stg_…, tr_prod_…)"
+            f"{variable} does not look like a secret key (tr_dev_…, tr_stg_…, tr_prod_…)"
         )
     return key
 
@@ -114,15 +114,17 @@ class TriggerClient:
         secret_key: str,
         limiter: RateLimiter | None = None,
         stats: RequestStats | None = None,
+        key_variable: str = "TRIGGER_SECRET_KEY",
     ) -> None:
         self.settings = settings
+        self.key_variable = key_variable  # named in errors; the key itself never is
         self.base_url = check_base_url(settings.base_url, settings.allow_insecure_http)
         self.limiter = limiter or RateLimiter()
         self.stats = stats or RequestStats()
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={
-                "Authorization": f"Bearer {check_secret_key(secret_key)}",
+                "Authorization": f"Bearer {check_secret_key(secret_key, key_variable)}",
                 "Accept": "application/json",
                 "User-Agent": "trigger-sessions-export/0.1",
             },
@@ -230,7 +232,7 @@ class TriggerClient:
         if status in (401, 403):
             raise AuthError(
                 f"the API rejected the key (HTTP {status}: {detail}); "
-                "check TRIGGER_SECRET_KEY and that it belongs to the right environment"
+                f"check {self.key_variable} and that it belongs to the right environment"
             )
         if status == 404 and missing_ok:
             return None
