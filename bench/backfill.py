@@ -12,25 +12,37 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
-import pyarrow.dataset as ds
 
-from bench.common import emulator, measure
+from bench.common import emulator, export, exported_ids, only_manifest, write_results
 
 SESSIONS = 40_000
 BURST, REFILL, INTERVAL_S = 40, 10, 0.25
 ANCHOR = datetime.now(UTC).replace(microsecond=0)
 SINCE = (ANCHOR - timedelta(days=31)).isoformat()
-FLAGS = ("--sessions", str(SESSIONS), "--days", "30", "--seed", "3", "--latency-ms", "40",
-         "--list-trigger-config", "include",
-         "--anchor", ANCHOR.isoformat(),
-         "--rate-limit-burst", str(BURST), "--rate-limit-refill", str(REFILL),
-         "--rate-limit-interval", str(INTERVAL_S))
+FLAGS = (
+    "--sessions",
+    str(SESSIONS),
+    "--days",
+    "30",
+    "--seed",
+    "3",
+    "--latency-ms",
+    "40",
+    "--list-trigger-config",
+    "include",
+    "--anchor",
+    ANCHOR.isoformat(),
+    "--rate-limit-burst",
+    str(BURST),
+    "--rate-limit-refill",
+    str(REFILL),
+    "--rate-limit-interval",
+    str(INTERVAL_S),
+)
 
 
 def ceiling_seconds(pages: int) -> float:
@@ -41,11 +53,9 @@ def one(concurrency: int, out: str) -> dict[str, object]:
     """Measure one backfill; the dataset is checked later, so this process stays small
     (a child forked from a big parent would count the parent's pages as its own)."""
     with emulator(*FLAGS) as url:
-        result = measure([sys.executable, "-m", "pipeline", "backfill", "--since", SINCE,
-                          "--api-url", url, "--output", out, "--concurrency", str(concurrency),
-                          "--log-level", "warning"])
+        result = export("backfill", url, out, "--since", SINCE, "--concurrency", str(concurrency))
         assert result.returncode == 0, result
-    manifest = json.loads(next(Path(out, "_runs").glob("*.json")).read_text())
+    manifest = only_manifest(out)
     ceiling = ceiling_seconds(math.ceil(SESSIONS / 100))
     return {
         "concurrency": concurrency,
@@ -72,13 +82,9 @@ def main() -> None:
         rows = [one(8, concurrent), one(1, sequential)]
         truth = truth_ids()
         for row, out in zip(rows, (concurrent, sequential), strict=True):
-            ids = ds.dataset(Path(out, "sessions"), format="parquet").to_table(columns=["id"])
-            row["data_exact"] = ids.num_rows == len(truth) and set(ids["id"].to_pylist()) == truth
-    for row in rows:
-        print(json.dumps(row))
-    results = Path(__file__).resolve().parent / "results"
-    results.mkdir(exist_ok=True)
-    (results / "backfill.json").write_text(json.dumps(rows, indent=2))
+            ids = exported_ids(out)
+            row["data_exact"] = len(ids) == len(truth) and set(ids) == truth
+    write_results("backfill", rows)
 
 
 if __name__ == "__main__":

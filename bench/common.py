@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 KEY = "tr_dev_benchmark_key"
 
@@ -51,3 +53,44 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> Measured:
     seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
     return Measured(seconds, usage.ru_maxrss / 1024, process.returncode, output)
+
+
+def export(command: str, url: str, out: str, *args: str) -> Measured:
+    """Measure one `sessions-export <command>` against `url`, writing into `out`."""
+    return measure(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            command,
+            "--api-url",
+            url,
+            "--output",
+            out,
+            "--log-level",
+            "warning",
+            *args,
+        ]
+    )
+
+
+def only_manifest(out: str) -> dict:
+    """The manifest of the single run an output holds."""
+    return json.loads(next(Path(out, "_runs").glob("*.json")).read_text())
+
+
+def exported_ids(out: str) -> list[str]:
+    # imported here: a child forked from a process holding pyarrow reports its pages too
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(Path(out, "sessions"), format="parquet").to_table(columns=["id"])
+    return table["id"].to_pylist()
+
+
+def write_results(name: str, rows: list[dict]) -> None:
+    """Print each row as a JSON line and keep them in bench/results/<name>.json."""
+    for row in rows:
+        print(json.dumps(row))
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(rows, indent=2))

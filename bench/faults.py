@@ -8,15 +8,11 @@ requests, 429s, retries and time for both, and checks that both datasets are exa
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
-from pathlib import Path
 
 import httpx
-import pyarrow.dataset as ds
 
-from bench.common import emulator, measure
+from bench.common import emulator, export, exported_ids, only_manifest, write_results
 
 SESSIONS = 15_000
 COMMON = (
@@ -49,27 +45,12 @@ FAULTS = (
 
 def one(label: str, flags: tuple[str, ...]) -> dict[str, object]:
     with emulator(*COMMON, *flags) as url, tempfile.TemporaryDirectory() as out:
-        result = measure(
-            [
-                sys.executable,
-                "-m",
-                "pipeline",
-                "run",
-                "--api-url",
-                url,
-                "--output",
-                out,
-                "--log-level",
-                "warning",
-                "--max-attempts",
-                "10",
-            ]
-        )
+        result = export("run", url, out, "--max-attempts", "10")
         assert result.returncode == 0, result
         served = httpx.get(f"{url}/_emulator/stats").json()
-        manifest = json.loads(next(Path(out, "_runs").glob("*.json")).read_text())
-        ids = ds.dataset(Path(out, "sessions"), format="parquet").to_table(columns=["id"])
-        exact = ids.num_rows == SESSIONS and len(set(ids["id"].to_pylist())) == SESSIONS
+        manifest = only_manifest(out)
+        ids = exported_ids(out)
+        exact = len(ids) == SESSIONS and len(set(ids)) == SESSIONS
         return {
             "run": label,
             "seconds": round(result.seconds, 2),
@@ -84,12 +65,7 @@ def one(label: str, flags: tuple[str, ...]) -> dict[str, object]:
 
 
 def main() -> None:
-    rows = [one("no faults", ()), one("faults", FAULTS)]
-    for row in rows:
-        print(json.dumps(row))
-    results = Path(__file__).resolve().parent / "results"
-    results.mkdir(exist_ok=True)
-    (results / "faults.json").write_text(json.dumps(rows, indent=2))
+    write_results("faults", [one("no faults", ()), one("faults", FAULTS)])
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@ peak RSS, measured with wait4 on the child process.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import emulator, measure
+from bench.common import emulator, export, measure, write_results
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,20 +34,7 @@ def run_size(sessions: int, repeat: int) -> dict[str, object]:
             assert result.returncode == 0 and int(result.stdout) == sessions, result
             bare.append(result)
             with tempfile.TemporaryDirectory() as out:
-                result = measure(
-                    [
-                        sys.executable,
-                        "-m",
-                        "pipeline",
-                        "run",
-                        "--api-url",
-                        url,
-                        "--output",
-                        out,
-                        "--log-level",
-                        "warning",
-                    ]
-                )
+                result = export("run", url, out)
                 assert result.returncode == 0 and f"{sessions} sessions" in result.stdout, result
                 ours.append(result)
     best_bare = min(r.seconds for r in bare)
@@ -71,22 +57,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     rows = [run_size(int(size), args.repeat) for size in args.sizes.split(",")]
-    for row in rows:
-        print(json.dumps(row))
     if len(rows) >= 2:
         growth = rows[-1]["export_peak_rss_mb"] / rows[0]["export_peak_rss_mb"] - 1
-        print(
-            json.dumps(
-                {
-                    "export_rss_growth": round(growth, 3),
-                    "from": rows[0]["sessions"],
-                    "to": rows[-1]["sessions"],
-                }
-            )
+        rows.append(
+            {
+                "export_rss_growth": round(growth, 3),
+                "from": rows[0]["sessions"],
+                "to": rows[-1]["sessions"],
+            }
         )
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / "throughput.json").write_text(json.dumps(rows, indent=2))
+    write_results("throughput", rows)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,17 @@ import pyarrow.compute as pc
 
 from pipeline.client import TriggerClient
 from pipeline.enrich import TriggerConfigFiller
-from pipeline.errors import ApiError, UsageError
-from pipeline.flatten import MalformedSession, flatten_sessions
+from pipeline.errors import UsageError
+from pipeline.lock import lock_holder
 from pipeline.manifest import RunManifest, iso_ms
-from pipeline.runner import Clock, RunSummary, list_params, new_run_id, wall_clock_ms
+from pipeline.runner import (
+    Clock,
+    RunSummary,
+    list_params,
+    new_run_id,
+    sessions_table,
+    wall_clock_ms,
+)
 from pipeline.sink import ParquetSink
 from pipeline.state import Window
 from pipeline.storage import Storage
@@ -166,9 +173,7 @@ class BackfillRun:
     # -- entry -----------------------------------------------------------------------
 
     def execute(self) -> RunSummary:
-        from pipeline.runner import _holder
-
-        with self.state_storage.exclusive_lock(f"backfill-{self.key}.lock", _holder()):
+        with self.state_storage.exclusive_lock(f"backfill-{self.key}.lock", lock_holder()):
             if self.options.enrich_trigger_config:
                 self.filler = TriggerConfigFiller(
                     self.client, self.output, self.options.enrich_concurrency
@@ -357,13 +362,9 @@ class BackfillRun:
             with self._lock:
                 bounds = Window(window.from_ms, window.to_ms)
             page = self.client.list_sessions(list_params(bounds, filters, cursor))
-            if self.filler is not None:
-                self.filler.remember_listed(page.sessions)
-                self.filler.fill(page.sessions)
-            try:
-                table = flatten_sessions(page.sessions, page.received_at_ms, self.state.run_id)
-            except MalformedSession as error:
-                raise ApiError(f"the API returned an unusable session: {error}") from None
+            table = sessions_table(
+                page.sessions, page.received_at_ms, self.state.run_id, self.filler
+            )
             finished = page.next_cursor is None
             # one critical section: a split must see these rows as walked, or it would hand
             # part of them to a new window as well

@@ -337,9 +337,10 @@ def compact(settings: Settings) -> None:
 
 def _compact(settings: Settings, only: list[str] | None) -> None:
     from pipeline.compact import compact as run_compact
-    from pipeline.runner import _holder, new_run_id, wall_clock_ms
+    from pipeline.lock import lock_holder
+    from pipeline.runner import new_run_id, wall_clock_ms
 
-    with state_store(settings).lock(_holder()):
+    with state_store(settings).lock(lock_holder()):
         summary = run_compact(output_storage(settings), new_run_id(wall_clock_ms()), only)
     click.echo(summary.line())
 
@@ -396,12 +397,12 @@ def state_show(settings: Settings) -> None:
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 def state_reset(settings: Settings, yes: bool) -> None:
     """Clear the checkpoint: the next run exports the whole history again."""
-    from pipeline.runner import _holder
+    from pipeline.lock import lock_holder
 
     store = state_store(settings)
     if not yes and sys.stdin.isatty():
         click.confirm(f"clear the checkpoint in {store.storage.uri}?", abort=True)
-    with store.lock(_holder()):
+    with store.lock(lock_holder()):
         store.reset()
     click.echo(f"checkpoint cleared in {store.storage.uri}")
 

@@ -30,6 +30,13 @@ from typing import Any
 
 from pipeline.errors import LockHeld, StorageError
 
+
+def lock_holder() -> str:
+    """Who holds a lock, as written into it: process, host and since when (UTC)."""
+    since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return f"pid={os.getpid()} host={os.uname().nodename} since={since}"
+
+
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 60.0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from pipeline.dataset import files_by_partition, known_versions, read_file, vers
 from pipeline.enrich import TriggerConfigFiller
 from pipeline.errors import ApiError
 from pipeline.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
+from pipeline.lock import lock_holder
 from pipeline.manifest import RunManifest, iso_ms
 from pipeline.sink import ParquetSink
 from pipeline.state import (
@@ -111,6 +111,19 @@ class RunSummary:
         )
 
 
+def sessions_table(
+    sessions: list[Session], received_ms: int, run_id: str, filler: TriggerConfigFiller | None
+) -> pa.Table:
+    """Listed sessions as rows: triggerConfig filled where lists omit it, then flattened."""
+    if filler is not None and sessions:
+        filler.remember_listed(sessions)
+        filler.fill(sessions)
+    try:
+        return flatten_sessions(sessions, received_ms, run_id)
+    except MalformedSession as error:
+        raise ApiError(f"the API returned an unusable session: {error}") from None
+
+
 def new_run_id(now_ms: int) -> str:
     stamp = datetime.fromtimestamp(now_ms / 1000, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{secrets.token_hex(3)}"
@@ -145,10 +158,6 @@ def session_version(session: Session) -> str:
     except ValueError:
         stamp = "null"
     return f"{session['id']}|{stamp}"
-
-
-def _holder() -> str:
-    return f"pid={os.getpid()} host={os.uname().nodename} since={iso_ms(wall_clock_ms())}"
 
 
 @dataclass
@@ -192,7 +201,7 @@ class IncrementalRun:
         self._previous_active = ACTIVE_SCHEMA.empty_table()
 
     def execute(self) -> RunSummary:
-        with self.state.lock(_holder()):
+        with self.state.lock(lock_holder()):
             return self._execute()
 
     def _execute(self) -> RunSummary:
@@ -412,13 +421,7 @@ class IncrementalRun:
     # -- shared ------------------------------------------------------------------------
 
     def _table(self, sessions: list[Session], received_ms: int, run_id: str) -> pa.Table:
-        if self.filler is not None and sessions:
-            self.filler.remember_listed(sessions)
-            self.filler.fill(sessions)
-        try:
-            return flatten_sessions(sessions, received_ms, run_id)
-        except MalformedSession as error:
-            raise ApiError(f"the API returned an unusable session: {error}") from None
+        return sessions_table(sessions, received_ms, run_id, self.filler)
 
     def _finish(
         self,
