@@ -18,9 +18,9 @@ import click
 
 from pipeline.config import DEFAULT_API_URL, OPTIONS, Settings, load_settings, parse_duration_ms
 from pipeline.errors import ExportError
-from pipeline.logs import redact, register_secret, setup_logging
-from pipeline.state import StateStore
-from pipeline.storage import Storage
+from pipeline.ops.logs import redact, register_secret, setup_logging
+from pipeline.store.state import StateStore
+from pipeline.store.storage import Storage
 
 log = logging.getLogger("pipeline")
 
@@ -76,7 +76,7 @@ def with_options(
             if not all_environments:
                 return invoke(environment)
             from pipeline.config import environment_names
-            from pipeline.environments import run_each
+            from pipeline.ops.environments import run_each
 
             if environment:
                 raise click.UsageError("give --environment NAME or --all-environments, not both")
@@ -140,7 +140,7 @@ def state_store(settings: Settings) -> StateStore:
 
 
 def make_client(settings: Settings, concurrency: int = 1):  # noqa: ANN201
-    from pipeline.client import ClientSettings, TriggerClient
+    from pipeline.api.client import ClientSettings, TriggerClient
 
     key = os.environ.get(settings.secret_key_env, "")
     register_secret(key)
@@ -217,8 +217,8 @@ def cli() -> None:
 def run(settings: Settings, full_refresh: bool, compact_after: bool) -> None:
     """Incremental export: resume an interrupted run, else export everything created since
     the checkpoint's high-water mark minus the lookback. The first run exports all history."""
-    from pipeline.runner import IncrementalRun, RunOptions
-    from pipeline.sink import use_lean_memory_pool
+    from pipeline.dataset.sink import use_lean_memory_pool
+    from pipeline.jobs.incremental import IncrementalRun, RunOptions
 
     use_lean_memory_pool()
 
@@ -233,11 +233,11 @@ def run(settings: Settings, full_refresh: bool, compact_after: bool) -> None:
         flush_bytes=settings.flush_bytes,
         full_refresh=full_refresh,
     )
-    from pipeline.metrics import log_summary, record_failure, record_success
+    from pipeline.ops.metrics import log_summary, record_failure, record_success
 
     try:
         state = state_store(settings)
-        from pipeline.progress import RunProgressDisplay
+        from pipeline.ops.progress import RunProgressDisplay
 
         display = RunProgressDisplay()
         try:
@@ -275,12 +275,12 @@ def backfill(settings: Settings, restart: bool) -> None:
     and only unfinished windows continue (relative times such as 90d keep meaning the range
     of the first attempt). It never moves the incremental checkpoint
     (the high-water mark `run` starts from); its own state is _state/backfill-<key>.json."""
-    from pipeline.backfill import BackfillOptions, BackfillRun
     from pipeline.config import DURATION, parse_time_ms
+    from pipeline.dataset.sink import use_lean_memory_pool
     from pipeline.errors import UsageError
-    from pipeline.progress import BackfillProgress
-    from pipeline.runner import wall_clock_ms
-    from pipeline.sink import use_lean_memory_pool
+    from pipeline.jobs.backfill import BackfillOptions, BackfillRun
+    from pipeline.jobs.incremental import wall_clock_ms
+    from pipeline.ops.progress import BackfillProgress
 
     if not settings.since:
         raise UsageError("backfill needs --since (e.g. --since 2026-01-01 or --since 90d)")
@@ -318,7 +318,7 @@ def backfill(settings: Settings, restart: bool) -> None:
     finally:
         progress.close()
     click.echo(summary.line())
-    from pipeline.metrics import log_summary
+    from pipeline.ops.metrics import log_summary
 
     log_summary(summary, settings.environment)
 
@@ -336,9 +336,9 @@ def compact(settings: Settings) -> None:
 
 
 def _compact(settings: Settings, only: list[str] | None) -> None:
-    from pipeline.compact import compact as run_compact
-    from pipeline.lock import lock_holder
-    from pipeline.runner import new_run_id, wall_clock_ms
+    from pipeline.dataset.compact import compact as run_compact
+    from pipeline.jobs.incremental import new_run_id, wall_clock_ms
+    from pipeline.store.lock import lock_holder
 
     with state_store(settings).lock(lock_holder()):
         summary = run_compact(output_storage(settings), new_run_id(wall_clock_ms()), only)
@@ -350,7 +350,7 @@ def _compact(settings: Settings, only: list[str] | None) -> None:
 @click.option("--strict", is_flag=True, help="also fail when a session has several versions")
 def verify(settings: Settings, strict: bool) -> None:
     """Read the dataset back: schema, partition keys, duplicates, unreadable or stray files."""
-    from pipeline.verify import verify as run_verify
+    from pipeline.dataset.verify import verify as run_verify
 
     report = run_verify(output_storage(settings), strict=strict)
     for line in report.lines():
@@ -370,8 +370,8 @@ def load_duckdb(settings: Settings) -> None:
     """Upsert the latest version of every session into the `sessions` table of a DuckDB
     file. Runs already loaded are skipped (see sessions_export_loads), so loading twice
     changes nothing and a load after new runs applies only theirs."""
+    from pipeline.dataset.load import load_duckdb as run_load
     from pipeline.errors import UsageError
-    from pipeline.load import load_duckdb as run_load
 
     if not settings.database:
         raise UsageError('load duckdb needs --database FILE (or database = "…" in the config)')
@@ -397,7 +397,7 @@ def state_show(settings: Settings) -> None:
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 def state_reset(settings: Settings, yes: bool) -> None:
     """Clear the checkpoint: the next run exports the whole history again."""
-    from pipeline.lock import lock_holder
+    from pipeline.store.lock import lock_holder
 
     store = state_store(settings)
     if not yes and sys.stdin.isatty():

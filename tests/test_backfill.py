@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from pipeline.backfill import MIN_SPLIT_MS, plan_windows, split_point
+from pipeline.dataset.flatten import parse_timestamp_ms
 from pipeline.errors import UsageError
-from pipeline.flatten import parse_timestamp_ms
+from pipeline.jobs.backfill import MIN_SPLIT_MS, plan_windows, split_point
 from tests.conftest import (
     assert_dataset_equals,
     emulator_sessions,
@@ -22,7 +22,7 @@ from tests.conftest import (
 
 
 def iso(ms: int) -> str:
-    from pipeline.manifest import iso_ms
+    from pipeline.dataset.manifest import iso_ms
 
     return iso_ms(ms)
 
@@ -73,7 +73,7 @@ def test_backfill_exports_the_range_exactly_and_leaves_the_checkpoint(emulator, 
     assert manifest["mode"] == "backfill" and manifest["rows"] == len(expected)
     assert set((output / "_runs").iterdir()) == runs_before
     progress = [json.loads(line) for line in result.stderr.splitlines()
-                if '"pipeline.progress"' in line]
+                if '"pipeline.ops.progress"' in line]
     assert progress and progress[-1]["covered"] == 1.0
     assert progress[-1]["sessions"] == len(expected)
 

@@ -4,8 +4,8 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pytest
 
-from pipeline.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
-from pipeline.schema import SCHEMA
+from pipeline.dataset.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
+from pipeline.dataset.schema import SCHEMA
 
 FULL = {
     "id": "session_cabc",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import duckdb
 
-from pipeline.dataset import DataFile
-from pipeline.load import files_to_read
+from pipeline.dataset.layout import DataFile
+from pipeline.dataset.load import files_to_read
 from tests.conftest import api, assert_row_matches, emulator_sessions, run_cli
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import environment_names, load_settings
-from pipeline.environments import worst_exit
 from pipeline.errors import UsageError
-from pipeline.metrics import RunOutcome, after_failure, after_success, parse, render
+from pipeline.ops.environments import worst_exit
+from pipeline.ops.metrics import RunOutcome, after_failure, after_success, parse, render
 from tests.conftest import ROOT, run_cli
 
 SECRET = "tr_prod_" + "SecretForTest123456"  # split: not a real key

@@ -1,7 +1,7 @@
 import threading
 import time
 
-from pipeline.ratelimit import RateLimiter
+from pipeline.api.pacing import RateLimiter
 
 
 class Clock:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.client import ClientSettings, TriggerClient
+from pipeline.api.client import ClientSettings, TriggerClient
 from pipeline.errors import ApiError, QueryRejected
 from tests.conftest import (
     KEY,

@@ -10,7 +10,7 @@ import time
 import duckdb
 import pyarrow.parquet as pq
 
-from pipeline.schema import SCHEMA
+from pipeline.dataset.schema import SCHEMA
 from tests.conftest import (
     ROOT,
     api,

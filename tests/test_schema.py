@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import OPTIONS
-from pipeline.schema import COLUMNS, SCHEMA
+from pipeline.dataset.schema import COLUMNS, SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = ROOT.parent / "shared" / "CONTRACT.md"

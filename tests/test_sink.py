@@ -1,7 +1,7 @@
 import pyarrow as pa
 
-from pipeline.schema import TIMESTAMP
-from pipeline.sink import split_by_day
+from pipeline.dataset.schema import TIMESTAMP
+from pipeline.dataset.sink import split_by_day
 
 DAY = 86_400_000
 

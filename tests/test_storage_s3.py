@@ -21,9 +21,9 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
 
+from pipeline.dataset.schema import SCHEMA
 from pipeline.errors import LockHeld, StorageError
-from pipeline.lock import LeaseTarget, S3Lease, lease_lock
-from pipeline.schema import SCHEMA
+from pipeline.store.lock import LeaseTarget, S3Lease, lease_lock
 from tests.conftest import KEY, ROOT, api, assert_row_matches, emulator_sessions, latest_rows
 
 DEDUPE = """

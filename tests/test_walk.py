@@ -2,9 +2,9 @@ import threading
 
 import pytest
 
-from pipeline.client import SessionPage
+from pipeline.api.client import SessionPage
+from pipeline.api.walker import prefetched, walk_pages
 from pipeline.errors import CursorLoop
-from pipeline.walk import prefetched, walk_pages
 
 
 def pages_from(chain):

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.dataset.manifest import iso_ms
 from pipeline.errors import ExportError
-from pipeline.manifest import iso_ms
-from pipeline.storage import Storage
+from pipeline.store.storage import Storage
 
 log = logging.getLogger("pipeline.summary")
 

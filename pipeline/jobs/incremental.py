@@ -30,15 +30,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.client import PAGE_SIZE, SessionPage, TriggerClient
-from pipeline.dataset import files_by_partition, known_versions, read_file, version_keys
-from pipeline.enrich import TriggerConfigFiller
+from pipeline.api.client import PAGE_SIZE, SessionPage, TriggerClient
+from pipeline.api.walker import prefetched, walk_pages
+from pipeline.dataset.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
+from pipeline.dataset.layout import files_by_partition, known_versions, read_file, version_keys
+from pipeline.dataset.manifest import RunManifest, iso_ms
+from pipeline.dataset.sink import ParquetSink
 from pipeline.errors import ApiError
-from pipeline.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
-from pipeline.lock import lock_holder
-from pipeline.manifest import RunManifest, iso_ms
-from pipeline.sink import ParquetSink
-from pipeline.state import (
+from pipeline.jobs.enrich import TriggerConfigFiller
+from pipeline.store.lock import lock_holder
+from pipeline.store.state import (
     ACTIVE_SCHEMA,
     ActiveSetBuilder,
     Checkpoint,
@@ -46,8 +47,7 @@ from pipeline.state import (
     StateStore,
     Window,
 )
-from pipeline.storage import Storage
-from pipeline.walk import prefetched, walk_pages
+from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import click
 
 from pipeline.errors import ExportError
-from pipeline.logs import redact
+from pipeline.ops.logs import redact
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.dataset import DataFile, files_by_partition, latest_versions
+from pipeline.dataset.layout import DataFile, files_by_partition, latest_versions
+from pipeline.dataset.manifest import read_manifests
+from pipeline.dataset.schema import PARTITION_KEY, SCHEMA
 from pipeline.errors import StorageError, UsageError
-from pipeline.manifest import read_manifests
-from pipeline.schema import PARTITION_KEY, SCHEMA
-from pipeline.storage import Storage
+from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.sink import DATASET_DIR
-from pipeline.storage import Storage, StoredFile
+from pipeline.dataset.sink import DATASET_DIR
+from pipeline.store.storage import Storage, StoredFile
 
 _PARTITION_FILE = re.compile(
     rf"^{DATASET_DIR}/created_date=(\d{{4}}-\d{{2}}-\d{{2}})/([^/]+\.parquet)$"

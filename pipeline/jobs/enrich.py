@@ -17,11 +17,11 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipeline.client import TriggerClient
-from pipeline.dataset import files_by_partition, read_file
-from pipeline.flatten import parse_timestamp_ms
-from pipeline.schema import TRIGGER_CONFIG, TRIGGER_CONFIG_COLUMNS
-from pipeline.storage import Storage
+from pipeline.api.client import TriggerClient
+from pipeline.dataset.flatten import parse_timestamp_ms
+from pipeline.dataset.layout import files_by_partition, read_file
+from pipeline.dataset.schema import TRIGGER_CONFIG, TRIGGER_CONFIG_COLUMNS
+from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import StorageError
-from pipeline.storage import Storage
+from pipeline.store.storage import Storage
 
 CHECKPOINT_FILE = "checkpoint.json"
 ACTIVE_FILE = "active.parquet"  # the sessions ACTIVE at the last run (change capture)

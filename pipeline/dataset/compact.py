@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.dataset import files_by_partition, latest_versions, read_file
-from pipeline.schema import SCHEMA
-from pipeline.sink import partition_dir, write_parquet
-from pipeline.storage import Storage
+from pipeline.dataset.layout import files_by_partition, latest_versions, read_file
+from pipeline.dataset.schema import SCHEMA
+from pipeline.dataset.sink import partition_dir, write_parquet
+from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

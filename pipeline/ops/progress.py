@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-log = logging.getLogger("pipeline.progress")
+log = logging.getLogger("pipeline.ops.progress")
 
 LOG_EVERY_S = 10.0
 

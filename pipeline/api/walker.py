@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from pipeline.client import SessionPage
+from pipeline.api.client import SessionPage
 from pipeline.errors import CursorLoop
 
 T = TypeVar("T")

@@ -27,9 +27,9 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from pipeline.api.pacing import RateLimiter
 from pipeline.errors import ApiError, AuthError, QueryRejected, UsageError
 from pipeline.hosts import is_loopback
-from pipeline.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 
-from pipeline.schema import (
+from pipeline.dataset.schema import (
     KNOWN_TOP_LEVEL,
     KNOWN_TRIGGER_CONFIG,
     SCHEMA,

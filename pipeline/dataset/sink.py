@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.schema import PARTITION_KEY, SCHEMA
-from pipeline.storage import Storage
+from pipeline.dataset.schema import PARTITION_KEY, SCHEMA
+from pipeline.store.storage import Storage
 
 DATASET_DIR = "sessions"
 _MS_PER_DAY = 86_400_000

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from pipeline.storage import Storage
+from pipeline.store.storage import Storage
 
 RUNS_DIR = "_runs"
 

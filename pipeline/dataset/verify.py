@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.dataset import classify_files, read_file
-from pipeline.schema import SCHEMA
-from pipeline.sink import split_by_day
-from pipeline.storage import Storage
+from pipeline.dataset.layout import classify_files, read_file
+from pipeline.dataset.schema import SCHEMA
+from pipeline.dataset.sink import split_by_day
+from pipeline.store.storage import Storage
 
 _KEY_COLUMNS = ["id", "created_at", "updated_at", "extracted_at"]
 

@@ -228,9 +228,9 @@ class Storage:
         """Hold `path` as a lock for the duration; raises LockHeld when another run has it.
 
         Local disk: an `flock`. S3: a lease object written with conditional requests and
-        renewed while held (see `pipeline.lock`).
+        renewed while held (see `pipeline.store.lock`).
         """
-        from pipeline import lock
+        from pipeline.store import lock
 
         if self.is_local:
             with lock.local_lock(self._root / path, holder):

@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow.compute as pc
 
-from pipeline.client import TriggerClient
-from pipeline.enrich import TriggerConfigFiller
+from pipeline.api.client import TriggerClient
+from pipeline.dataset.manifest import RunManifest, iso_ms
+from pipeline.dataset.sink import ParquetSink
 from pipeline.errors import UsageError
-from pipeline.lock import lock_holder
-from pipeline.manifest import RunManifest, iso_ms
-from pipeline.runner import (
+from pipeline.jobs.enrich import TriggerConfigFiller
+from pipeline.jobs.incremental import (
     Clock,
     RunSummary,
     list_params,
@@ -34,9 +34,9 @@ from pipeline.runner import (
     sessions_table,
     wall_clock_ms,
 )
-from pipeline.sink import ParquetSink
-from pipeline.state import Window
-from pipeline.storage import Storage
+from pipeline.store.lock import lock_holder
+from pipeline.store.state import Window
+from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The Trigger.dev API side: HTTP client, rate-limit pacing, the page walker."""

@@ -1,0 +1,1 @@
+"""The dataset: schema, flatten, Parquet sink, layout, compaction, verify, load, manifests."""

@@ -1,0 +1,1 @@
+"""Jobs: the incremental run, backfill and change capture over one core."""

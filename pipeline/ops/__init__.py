@@ -1,0 +1,1 @@
+"""Operations: logs, metrics, progress, environments."""

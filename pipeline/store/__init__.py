@@ -1,0 +1,1 @@
+"""Storage (local and object stores), the checkpoint state and the run lock."""
