@@ -314,10 +314,9 @@ def test_status_filter_returns_short_pages_that_still_have_next(
 def test_get_one_session_carries_trigger_config(
     client: httpx.Client, truth: list[dict[str, Any]]
 ) -> None:
-    with_config = next(s for s in truth if "triggerConfig" in s)
-    without = next(s for s in truth if "triggerConfig" not in s)
-    assert client.get(f"/api/v1/sessions/{with_config['id']}").json() == with_config
-    assert client.get(f"/api/v1/sessions/{without['id']}").json() == without
+    assert all(isinstance(s["triggerConfig"]["basePayload"], dict) for s in truth)
+    for session in (truth[0], truth[len(truth) // 2], truth[-1]):
+        assert client.get(f"/api/v1/sessions/{session['id']}").json() == session
     by_external = next(s for s in truth if s["externalId"] and "🚀" in s["externalId"])
     response = client.get(f"/api/v1/sessions/{by_external['externalId']}")
     assert response.json() == by_external
@@ -334,8 +333,8 @@ def test_list_rows_carry_trigger_config_when_asked() -> None:
         rows = http.get(running.url + "/api/v1/sessions", params={"page[size]": "100"}).json()
         truth = list(running.store.iter_sessions())[:100]
         assert rows["data"] == truth
-        shapes = Counter(len(s.get("triggerConfig", {})) for s in truth)
-        assert shapes[0] and shapes[9] and len(shapes) > 2  # absent, full, partial
+        shapes = Counter(len(s["triggerConfig"]) for s in truth)
+        assert shapes[1] and shapes[9] and len(shapes) > 2  # basePayload only, full, partial
 
 
 @pytest.mark.parametrize(
@@ -344,7 +343,8 @@ def test_list_rows_carry_trigger_config_when_asked() -> None:
 def test_unknown_session_is_404(client: httpx.Client, ident: str) -> None:
     response = client.get(f"/api/v1/sessions/{ident}")
     assert response.status_code == 404
-    assert response.json() == {"error": "Session not found"}
+    assert response.json() == {"error": "Not found"}
+    assert response.headers["x-should-retry"] == "false"
 
 
 def test_missing_authorization_is_a_problem_json_401(emulator: RunningEmulator) -> None:
@@ -354,6 +354,7 @@ def test_missing_authorization_is_a_problem_json_401(emulator: RunningEmulator) 
     body = response.json()
     assert body["title"] == "Unauthorized" and body["status"] == 401
     assert body["detail"] == "No authorization header provided"
+    assert not any(name.startswith("x-ratelimit") for name in response.headers)
 
 
 @pytest.mark.parametrize(
@@ -405,8 +406,24 @@ def test_create_patch_close(scratch: RunningEmulator) -> None:
         assert first["id"] == session["id"]
         assert http.get("/api/v1/sessions", params={"filter[tags]": "new-tag"}).json()["data"]
 
-        again = http.post("/api/v1/sessions", json=body)
+        time.sleep(0.002)
+        redeployed = {**body, "triggerConfig": {"basePayload": {"x": 2}, "lockToVersion": "v2"}}
+        again = http.post("/api/v1/sessions", json=redeployed)
         assert again.status_code == 200 and again.json()["isCached"] is True
+        upserted = http.get(f"/api/v1/sessions/{session['id']}").json()
+        assert upserted["triggerConfig"] == redeployed["triggerConfig"]  # the upsert rewrites it
+        assert parse_iso_ms(upserted["updatedAt"]) > parse_iso_ms(session["updatedAt"])
+        same = ("triggerConfig", "updatedAt", "runId", "publicAccessToken", "isCached")
+        assert {k: v for k, v in upserted.items() if k not in same} == {
+            k: v for k, v in session.items() if k not in same
+        }
+        assert http.post("/api/v1/sessions", json=body).json()["triggerConfig"] == body[
+            "triggerConfig"
+        ]
+
+        missing = {k: v for k, v in body.items() if k != "triggerConfig"}
+        refused_create = http.post("/api/v1/sessions", json={**missing, "externalId": "other"})
+        assert refused_create.status_code == 400  # triggerConfig is required
 
         patched = http.patch(
             f"/api/v1/sessions/{session['id']}", json={"tags": ["other"], "metadata": None}
@@ -425,11 +442,15 @@ def test_create_patch_close(scratch: RunningEmulator) -> None:
         closed = http.post(f"/api/v1/sessions/{session['id']}/close", json={"reason": "done"})
         assert closed.status_code == 200
         final = closed.json()
-        assert final["closedReason"] == "done" and final["currentRunId"] is None
+        assert final["closedReason"] == "done"
+        assert final["currentRunId"] == session["currentRunId"] is not None  # close keeps it
         assert final["closedAt"] is not None
         assert parse_iso_ms(final["updatedAt"]) > parse_iso_ms(updated["updatedAt"])
         repeat = http.post(f"/api/v1/sessions/{session['id']}/close", json={"reason": "again"})
         assert repeat.json() == final
+        late = http.patch(f"/api/v1/sessions/{session['id']}", json={"tags": ["late"]})
+        assert late.status_code == 200 and late.json()["closedAt"] == final["closedAt"]
+        final = late.json()
         assert http.post("/api/v1/sessions", json=body).status_code == 409
 
         closed_rows, _ = walk(http, {"filter[status]": "CLOSED"})
@@ -597,12 +618,11 @@ def test_same_seed_same_data_and_realistic_variety() -> None:
         assert anchor - 30 * DAY_MS <= parse_iso_ms(session["createdAt"]) <= anchor
         assert len(session["tags"]) <= 5
         if session["closedAt"] is not None:
-            assert session["currentRunId"] is None and isinstance(session["closedReason"], str)
-        config = session.get("triggerConfig")
-        if config is not None:
-            assert isinstance(config["basePayload"], dict)
-            assert 1 <= config.get("maxAttempts", 1) <= 10
-            assert 1 <= config.get("idleTimeoutInSeconds", 1) <= 3600
+            assert isinstance(session["closedReason"], str)
+        config = session["triggerConfig"]  # NOT NULL upstream
+        assert isinstance(config["basePayload"], dict)
+        assert 1 <= config.get("maxAttempts", 1) <= 10
+        assert 1 <= config.get("idleTimeoutInSeconds", 1) <= 3600
     metadata_kinds = Counter(type(s["metadata"]).__name__ for s in sessions)
     assert metadata_kinds["NoneType"] and metadata_kinds["dict"]
     assert any(s["metadata"] == {} for s in sessions)
@@ -637,8 +657,11 @@ def test_private_sessions_dump_and_stats(
     assert stats["by_status"] == {"200": 2, "404": 1}
 
 
-def test_every_api_response_carries_rate_limit_headers(emulator: RunningEmulator) -> None:
-    for headers in ({}, AUTH, {"Authorization": "Bearer nope"}):
+def test_every_authorized_api_response_carries_rate_limit_headers(
+    emulator: RunningEmulator,
+) -> None:
+    # a missing Authorization header is answered before the limiter, without them
+    for headers in (AUTH, {"Authorization": "Bearer nope"}):
         response = httpx.get(emulator.url + "/api/v1/sessions", headers=headers)
         assert {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"} <= set(
             response.headers

@@ -74,6 +74,11 @@ def _problem(status: int, title: str, detail: str, **extra: Any) -> Reply:
     return Reply(status, orjson.dumps(payload, option=orjson.OPT_INDENT_2), PROBLEM_JSON)
 
 
+def _not_found() -> Reply:
+    """Upstream's answer for an unknown session: not worth retrying."""
+    return Reply(404, orjson.dumps({"error": "Not found"}), headers=[(b"x-should-retry", b"false")])
+
+
 def _js_number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
@@ -167,8 +172,10 @@ class EmulatorApp:
             await asyncio.sleep(self.config.latency_ms / 1000)
         authorization = _header(scope, b"authorization")
         if not authorization:
+            # answered before the rate limiter is consulted: no rate-limit headers
             reply = _problem(401, "Unauthorized", "No authorization header provided")
-            await self._finish(send, reply, self.limiter.idle())
+            stats.by_status[reply.status] += 1
+            await _send(send, reply)
             return
         decision = self.limiter.take(authorization)
         if not decision.allowed:
@@ -270,7 +277,7 @@ class EmulatorApp:
     def _get(self, ident: str) -> Reply:
         raw = self.store.get_bytes(ident)
         if raw is None:
-            return json_reply(404, {"error": "Session not found"})
+            return _not_found()
         return Reply(200, raw)
 
     def _create(self, body: bytes) -> Reply:
@@ -291,13 +298,13 @@ class EmulatorApp:
     def _update(self, ident: str, body: bytes) -> Reply:
         session = self.store.update(ident, parse_session_patch(body))
         if session is None:
-            return json_reply(404, {"error": "Session not found"})
+            return _not_found()
         return json_reply(200, session)
 
     def _close(self, ident: str, body: bytes) -> Reply:
         session = self.store.close(ident, parse_close_reason(body))
         if session is None:
-            return json_reply(404, {"error": "Session not found"})
+            return _not_found()
         return json_reply(200, session)
 
     # -- private test endpoints (no auth, no limits, no faults) ----------------------------

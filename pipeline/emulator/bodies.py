@@ -87,7 +87,9 @@ def parse_new_session(raw: bytes) -> NewSession:
     tags = _tags(body["tags"], ["tags"], MAX_TAGS, issues) if "tags" in body else ()
     metadata = _metadata(body.get("metadata"), ["metadata"], issues)
     trigger_config = None
-    if body.get("triggerConfig") is not None:
+    if body.get("triggerConfig") is None:  # NOT NULL upstream: create requires one
+        issues.append(issue("invalid_type", "Required", ["triggerConfig"]))
+    else:
         trigger_config = _trigger_config(body["triggerConfig"], issues)
     expires_ms = None
     if body.get("expiresAt") is not None:

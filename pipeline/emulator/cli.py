@@ -135,6 +135,27 @@ def _probability(_ctx: click.Context, _param: click.Parameter, value: float) -> 
     is_flag=True,
     help="Sometimes send x-should-retry: false with an injected 5xx.",
 )
+@click.option(
+    "--id-skew-ms",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Ids' time part off createdAt by up to N ms, as when ids are made before the insert.",
+)
+@click.option(
+    "--replication-delay",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds before the list sees a new session or a change of tags or closing.",
+)
+@click.option(
+    "--same-ms-burst",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Generate this many sessions sharing one millisecond, mid-range.",
+)
 def emulator_command(
     no_rate_limit: bool,
     api_keys: tuple[str, ...],

@@ -33,6 +33,9 @@ class EmulatorConfig:
     stall_seconds: float = 30.0
     latency_ms: float = 0.0
     fault_header_should_retry: bool = False
+    id_skew_ms: int = 0  # ids' time part off createdAt by up to this many ms (either way)
+    replication_delay: float = 0.0  # seconds before the list (a replica) sees a change
+    same_ms_burst: int = 0  # generated sessions sharing one millisecond, mid-range
 
     def __post_init__(self) -> None:
         problems = []
@@ -55,6 +58,8 @@ class EmulatorConfig:
             problems.append("fault probabilities must add up to at most 1")
         if self.stall_seconds < 0 or self.latency_ms < 0:
             problems.append("stall seconds and latency must be >= 0")
+        if self.id_skew_ms < 0 or self.replication_delay < 0 or self.same_ms_burst < 0:
+            problems.append("id skew, replication delay and burst must be >= 0")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -67,11 +67,18 @@ class Population:
         return len(self.keys)
 
 
-def generate_population(count: int, seed: int, days: float, anchor_ms: int) -> Population:
+def generate_population(
+    count: int, seed: int, days: float, anchor_ms: int, same_ms_burst: int = 0
+) -> Population:
     rng = random.Random(f"trigger-sessions-emulator:{seed}")
     pools = build_pools(rng)
     start_ms = anchor_ms - int(days * DAY_MS)
-    keys = _keys(rng, _created_times(rng, count, start_ms, anchor_ms))
+    times = _created_times(rng, count, start_ms, anchor_ms)
+    if same_ms_burst > 1 and count:
+        middle = max(0, count // 2 - same_ms_burst // 2)
+        for other in range(middle + 1, min(count, middle + same_ms_burst)):
+            times[other] = times[middle]  # lowering later values keeps the list sorted
+    keys = _keys(rng, times)
     draw = rng.random
     pair_table = _weighted_table([weight for *_, weight in TYPE_TASKS])
     external_table = _weighted_table(list(EXTERNAL_ID_WEIGHTS))
@@ -161,8 +168,10 @@ class Fate:
 class SessionFactory:
     """Builds the full, API-shaped state of any generated session from its slot."""
 
-    def __init__(self, population: Population) -> None:
+    def __init__(self, population: Population, id_skew_ms: int = 0) -> None:
         self._population = population
+        self._skew = id_skew_ms
+        self._skew_salt = mix64(population.seed * 0x10001 + 5)
         self._anchor = population.anchor_ms
         self._id_salt = mix64(population.seed * 0x10001 + 2)
         self._token_offset = mix64(population.seed * 0x10001 + 3) % _TOKEN_SPACE
@@ -174,8 +183,7 @@ class SessionFactory:
         self._tags_json = tuple(_json(list(combo)) for combo in pools.tag_combos)
         self._metadata_json = tuple(_json(value) for value in pools.metadata)
         self._trigger_json = tuple(
-            b"" if config is None else b'"triggerConfig":%b,' % _json(config)
-            for config in pools.trigger_configs
+            b'"triggerConfig":%b,' % _json(config) for config in pools.trigger_configs
         )
         self._reason_json = tuple(_json(reason) for reason in CLOSED_REASONS)
         self._external_json = tuple(
@@ -188,8 +196,19 @@ class SessionFactory:
             return self._population.random_parts[RANDOM_LENGTH * slot : RANDOM_LENGTH * (slot + 1)]
         return random_part(mix64(self._id_salt + slot))
 
+    def id_key(self, slot: int, key: int) -> int:
+        """The key an id is made from: its time part off createdAt by up to the skew.
+
+        Upstream makes ids on the app server before the insert stamps createdAt, so the two
+        orders can disagree; with no skew the id's order is exactly the key's.
+        """
+        if not self._skew:
+            return key
+        offset = mix64(self._skew_salt + slot) % (2 * self._skew + 1) - self._skew
+        return key + offset * COUNTER_SPACE
+
     def cuid(self, slot: int, key: int) -> str:
-        return cuid_bytes(key, self.random_part(slot)).decode()
+        return cuid_bytes(self.id_key(slot, key), self.random_part(slot)).decode()
 
     def fate(self, slot: int, created_ms: int) -> Fate:
         bits = self._population.fate_bits[slot]
@@ -251,6 +270,15 @@ class SessionFactory:
         room = max(0, self._anchor - created)
         offset_bits = detail >> 27
         run_id = closed_at = closed_reason = b"null"
+        if ((detail >> 21) & 0xF) < 11:
+            # The run started a few ms to seconds after the session; its random tail is
+            # borrowed from another slot, which is as unpredictable and costs no hashing.
+            # Closing keeps it, as upstream does.
+            run_key = key_of(created + (fate_bits >> 56) * 19, (detail >> 40) % COUNTER_SPACE)
+            other = (slot * 7 + 3) % population.count
+            run_id = b'"run_%b"' % cuid_bytes(
+                run_key, population.random_parts[12 * other : 12 * other + 12]
+            )
         if (fate_bits & 0xFF) < 64:  # closed
             closed_ms = created + offset_bits % (min(room, 3 * DAY_MS) + 1)
             later = max(0, min(self._anchor - closed_ms, _HOUR_MS))
@@ -261,14 +289,6 @@ class SessionFactory:
             updated = created
             if (detail >> 25) & 0x3:  # three in four sessions were touched after creation
                 updated += offset_bits % (min(room, 7 * DAY_MS) + 1)
-            if ((detail >> 21) & 0xF) < 11:
-                # The run started a few ms to seconds after the session; its random tail is
-                # borrowed from another slot, which is as unpredictable and costs no hashing.
-                run_key = key_of(created + (fate_bits >> 56) * 19, (detail >> 40) % COUNTER_SPACE)
-                other = (slot * 7 + 3) % population.count
-                run_id = b'"run_%b"' % cuid_bytes(
-                    run_key, population.random_parts[12 * other : 12 * other + 12]
-                )
         created_at = iso_bytes(created)
         code = population.external_codes[slot]
         if code:
@@ -279,7 +299,9 @@ class SessionFactory:
         return b"".join(
             (
                 b'{"id":"session_',
-                cuid_bytes(key, population.random_parts[12 * slot : 12 * slot + 12]),
+                cuid_bytes(
+                    self.id_key(slot, key), population.random_parts[12 * slot : 12 * slot + 12]
+                ),
                 b'","externalId":',
                 external_id,
                 b",",

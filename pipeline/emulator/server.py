@@ -31,7 +31,13 @@ class _HideDroppedConnections(logging.Filter):
 
 def build_app(config: EmulatorConfig) -> EmulatorApp:
     store = SessionStore.generate(
-        config.sessions, seed=config.seed, days=config.days, anchor_ms=config.anchor_ms()
+        config.sessions,
+        seed=config.seed,
+        days=config.days,
+        anchor_ms=config.anchor_ms(),
+        id_skew_ms=config.id_skew_ms,
+        replication_delay_ms=round(config.replication_delay * 1000),
+        same_ms_burst=config.same_ms_burst,
     )
     return EmulatorApp(config, store)
 

@@ -9,13 +9,15 @@ request scans the whole store. Sessions changed through the API are kept whole i
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, overload
 
 import orjson
@@ -35,6 +37,7 @@ from pipeline.emulator.query import ListQuery
 from pipeline.emulator.timestamps import iso_ms, now_ms, parse_iso_ms
 
 _INFINITY = sys.maxsize
+_BASE36 = re.compile(r"[0-9a-z]{8}")
 DEFAULT_CACHE_SIZE = 65_536
 
 
@@ -63,6 +66,9 @@ class _Override:
     closed: bool
     expires_ms: int | None
     updated_ms: int
+    closed_ms: int | None = None  # when it was closed through the API (the replica lags)
+    # (changed at ms, tags before the change): what a lagging replica still matches
+    tag_history: tuple[tuple[int, frozenset[str]], ...] = field(default=())
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,8 @@ class _Plan:
     status: str | None
     lo: int  # inclusive key bound from createdAt filters
     hi: int  # exclusive
+    tag: str | None = None
+    replica_ms: int | None = None  # with a replication delay: the instant the replica shows
 
 
 class _IdView(Sequence[str]):
@@ -98,9 +106,18 @@ class _IdView(Sequence[str]):
 class SessionStore:
     """Thread-safe: the server thread and a test thread may use it at the same time."""
 
-    def __init__(self, population: Population, *, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+    def __init__(
+        self,
+        population: Population,
+        *,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        id_skew_ms: int = 0,
+        replication_delay_ms: int = 0,
+    ) -> None:
         self._population = population
-        self._factory = SessionFactory(population)
+        self._skew = id_skew_ms
+        self._delay_ms = replication_delay_ms
+        self._factory = SessionFactory(population, id_skew_ms)
         self._keys = array("q", population.keys)
         self._slots = array("i", range(population.count))
         self._by_type, self._by_task, self._by_tag = build_indexes(population)
@@ -117,10 +134,22 @@ class SessionStore:
 
     @classmethod
     def generate(
-        cls, count: int, *, seed: int = 1, days: float = 30, anchor_ms: int | None = None
+        cls,
+        count: int,
+        *,
+        seed: int = 1,
+        days: float = 30,
+        anchor_ms: int | None = None,
+        id_skew_ms: int = 0,
+        replication_delay_ms: int = 0,
+        same_ms_burst: int = 0,
     ) -> SessionStore:
         anchor = now_ms() if anchor_ms is None else anchor_ms
-        return cls(generate_population(count, seed, days, anchor))
+        return cls(
+            generate_population(count, seed, days, anchor, same_ms_burst),
+            id_skew_ms=id_skew_ms,
+            replication_delay_ms=replication_delay_ms,
+        )
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -137,6 +166,8 @@ class SessionStore:
         now = now_ms() if now is None else now
         with self._lock:
             plan = self._plan(query, now)
+            if self._skew or self._delay_ms:
+                return self._list_ordered(query, plan, now, with_trigger_config)
             size = query.size
             if query.before is None:
                 upper = plan.hi
@@ -210,6 +241,51 @@ class SessionStore:
             position = len(self._keys) - 1 - rank
             return self._cuid(self._keys[position], self._slots[position])
 
+    def _list_ordered(
+        self, query: ListQuery, plan: _Plan, now: int, with_trigger_config: bool
+    ) -> ListPage:
+        """Upstream's query exactly: `ORDER BY created_at, session_id`, the cursor on the id.
+
+        Used when ids may disagree with createdAt (an id skew) or the list lags (a
+        replication delay); the default path relies on id order being key order.
+        """
+        size, forward = query.size, query.before is None
+        cursor = query.after if forward else query.before
+        lo, hi = plan.lo, plan.hi
+        cursor_ms = _cuid_ms(cursor) if cursor is not None else None
+        if cursor_ms is not None:  # id < cursor bounds createdAt to cursor time + skew
+            if forward:
+                hi = min(hi, (cursor_ms + self._skew + 1) * COUNTER_SPACE)
+            else:
+                lo = max(lo, (cursor_ms - self._skew) * COUNTER_SPACE)
+        start = bisect_left(plan.driver, hi) - 1 if forward else bisect_left(plan.driver, lo)
+        found: list[tuple[int, str, int, int]] = []  # (ms, cuid, key, slot)
+        for key, slot, _ in self._matching(plan, start, -1 if forward else 1, lo, hi):
+            ms = key // COUNTER_SPACE
+            if len(found) > size and ms != found[-1][0]:
+                break  # every row of the milliseconds collected so far is in: the order is set
+            cuid = self._cuid(key, slot)
+            if cursor is None or (cuid < cursor if forward else cuid > cursor):
+                found.append((ms, cuid, key, slot))
+        found.sort(key=lambda row: (row[0], row[1]), reverse=forward)
+        page = found[:size]
+        more = len(found) > size
+        next_cursor = previous_cursor = None
+        if forward:
+            next_cursor = page[-1][1] if more else None
+            previous_cursor = page[0][1] if cursor is not None and page else None
+            newest_first = page
+        else:
+            previous_cursor = page[-1][1] if more else None
+            next_cursor = page[0][1] if page else None
+            newest_first = page[::-1]
+        rows = [
+            self._bytes(slot, key, with_trigger_config)
+            for _, _, key, slot in newest_first
+            if query.status is None or self._status(slot, key, now) == query.status
+        ]
+        return ListPage(rows, next_cursor, previous_cursor)
+
     # -- changing --------------------------------------------------------------------------
 
     def create(self, new: NewSession, *, now: int | None = None) -> Created:
@@ -218,7 +294,7 @@ class SessionStore:
             if new.external_id:
                 found = self._find_external_id(new.external_id)
                 if found is not None:
-                    return Created(self._existing_for_create(*found, now), created=False)
+                    return Created(self._upsert(*found, new, now), created=False)
             slot = self._next_slot
             self._next_slot += 1
             key = self._new_key(now)
@@ -265,14 +341,18 @@ class SessionStore:
             slot, key = found
             current = self._current(slot, key)
             session = dict(current.session)
+            history = current.tag_history
             if patch.tags is not None:
                 old, new = set(session["tags"]), set(patch.tags)
-                self._by_tag.remove(old - new, key)
+                if self._delay_ms:  # the replica still matches the old tags for a while
+                    history = (*history, (now, frozenset(old)))
+                else:
+                    self._by_tag.remove(old - new, key)
                 self._by_tag.add(new - old, key)
                 session["tags"] = list(patch.tags)
             if patch.metadata_set:
                 session["metadata"] = patch.metadata
-            return self._save(slot, current, session, now)
+            return self._save(slot, current, session, now, tag_history=history)
 
     def close(
         self, ident: str, reason: str | None = None, *, now: int | None = None
@@ -288,7 +368,7 @@ class SessionStore:
             if current.closed:
                 return _copy(current.session)
             session = dict(current.session)
-            session.update(closedAt=iso_ms(now), closedReason=reason, currentRunId=None)
+            session.update(closedAt=iso_ms(now), closedReason=reason)  # currentRunId is kept
             return self._save(slot, current, session, now, closed=True)
 
     # -- internals -------------------------------------------------------------------------
@@ -301,17 +381,27 @@ class SessionStore:
         now: int,
         *,
         closed: bool | None = None,
+        tag_history: tuple[tuple[int, frozenset[str]], ...] | None = None,
     ) -> dict[str, Any]:
         # Strictly increasing even within one millisecond, so "latest version" is never a tie.
         updated = max(now, current.updated_ms + 1)
         session["updatedAt"] = iso_ms(updated)
         is_closed = current.closed if closed is None else closed
-        self._overrides[slot] = _Override(session, is_closed, current.expires_ms, updated)
+        closed_ms = now if closed and not current.closed else current.closed_ms
+        self._overrides[slot] = _Override(
+            session,
+            is_closed,
+            current.expires_ms,
+            updated,
+            closed_ms,
+            current.tag_history if tag_history is None else tag_history,
+        )
         self._cache.pop(slot * 2, None)
         self._cache.pop(slot * 2 + 1, None)
         return _copy(session)
 
-    def _existing_for_create(self, slot: int, key: int, now: int) -> dict[str, Any]:
+    def _upsert(self, slot: int, key: int, new: NewSession, now: int) -> dict[str, Any]:
+        """Create with a known externalId: upstream's upsert rewrites triggerConfig only."""
         fate = self._fate(slot, key)
         if fate.closed:
             raise SessionConflict(
@@ -321,7 +411,10 @@ class SessionStore:
             raise SessionConflict(
                 "Session is expired; use a different externalId to create a new session"
             )
-        return orjson.loads(self._bytes(slot, key, True))
+        current = self._current(slot, key)
+        session = dict(current.session)
+        session["triggerConfig"] = new.trigger_config
+        return self._save(slot, current, session, now)
 
     def _new_key(self, now: int) -> int:
         counter = self._counter
@@ -357,11 +450,15 @@ class SessionStore:
         if not ident.startswith(PUBLIC_PREFIX):
             return self._find_external_id(ident)
         cuid = ident[len(PUBLIC_PREFIX) :]
-        if len(cuid) != ID_LENGTH:
+        id_ms = _cuid_ms(cuid) if len(cuid) == ID_LENGTH else None
+        if id_ms is None:
             return None
-        position = bisect_left(self._ids, cuid)
-        if position < len(self._keys) and self._ids[position] == cuid:
-            return self._slots[position], self._keys[position]
+        # the session's createdAt is within the skew of its id's time part
+        first = bisect_left(self._keys, (id_ms - self._skew) * COUNTER_SPACE)
+        last = bisect_left(self._keys, (id_ms + self._skew + 1) * COUNTER_SPACE)
+        for position in range(first, last):
+            if self._cuid(self._keys[position], self._slots[position]) == cuid:
+                return self._slots[position], self._keys[position]
         return None
 
     def _find_external_id(self, external_id: str) -> tuple[int, int] | None:
@@ -397,11 +494,12 @@ class SessionStore:
             hi = min(hi, (query.created_to_ms + 1) * COUNTER_SPACE)
         if query.period_ms is not None:
             lo = max(lo, (now - query.period_ms) * COUNTER_SPACE)
+        replica = now - self._delay_ms if self._delay_ms else None
         if not lists:
-            return _Plan(self._keys, True, (), query.status, lo, hi)
+            return _Plan(self._keys, True, (), query.status, lo, hi, query.tag, replica)
         driver = min(lists, key=len)
         others = tuple(keys for keys in lists if keys is not driver)
-        return _Plan(driver, False, others, query.status, lo, hi)
+        return _Plan(driver, False, others, query.status, lo, hi, query.tag, replica)
 
     def _candidates(
         self, plan: _Plan, index: int, step: int, limit: int, lo: int, hi: int
@@ -411,27 +509,59 @@ class SessionStore:
         Status is matched here only by closed/not closed, the way upstream's stale first
         pass sees it; the caller re-checks the real status, so pages can come back short.
         """
-        driver, keys, slots, others = plan.driver, self._keys, self._slots, plan.others
-        want_closed = None if plan.status is None else plan.status == "CLOSED"
-        if plan.on_main and not others and want_closed is None:
+        keys, slots = self._keys, self._slots
+        unfiltered = plan.status is None and plan.replica_ms is None
+        if plan.on_main and not plan.others and unfiltered:
             # Unfiltered: every position in the key range qualifies, so slice it directly.
             if step < 0:
                 end = max(bisect_left(keys, lo) - 1, index - limit)
                 return [(keys[i], slots[i], i) for i in range(index, end, -1)]
             end = min(bisect_left(keys, hi), index + limit)
             return [(keys[i], slots[i], i) for i in range(max(index, 0), end)]
-        found: list[tuple[int, int, int]] = []
+        return list(islice(self._matching(plan, index, step, lo, hi), limit))
+
+    def _matching(
+        self, plan: _Plan, index: int, step: int, lo: int, hi: int
+    ) -> Iterator[tuple[int, int, int]]:
+        """(key, slot, driver index) of the rows the replica's first pass matches, in order."""
+        driver, keys, slots, others = plan.driver, self._keys, self._slots, plan.others
+        want_closed = None if plan.status is None else plan.status == "CLOSED"
+        replica = plan.replica_ms
+        first_created = self._population.count
         count = len(driver)
-        while 0 <= index < count and len(found) < limit:
+        while 0 <= index < count:
             key = driver[index]
             if key < lo or key >= hi:
-                break
-            if not others or all(contains(other, key) for other in others):
-                slot = slots[index] if plan.on_main else slots[bisect_left(keys, key)]
-                if want_closed is None or self._fate(slot, key).closed == want_closed:
-                    found.append((key, slot, index))
+                return
             index += step
-        return found
+            if others and not all(contains(other, key) for other in others):
+                continue
+            slot = slots[index - step] if plan.on_main else slots[bisect_left(keys, key)]
+            if replica is not None:
+                if slot >= first_created and key // COUNTER_SPACE > replica:
+                    continue  # created through the API too recently: not replicated yet
+                if plan.tag is not None and not self._replica_has_tag(slot, plan.tag, replica):
+                    continue
+            if want_closed is not None and self._replica_closed(slot, key, replica) != want_closed:
+                continue
+            yield key, slot, index - step
+
+    def _replica_has_tag(self, slot: int, tag: str, replica_ms: int) -> bool:
+        """Whether a replica lagging to `replica_ms` holds `tag` for the session (the index
+        already matched its current tags, and keeps old ones while the replica lags)."""
+        override = self._overrides.get(slot)
+        if override is None:
+            return True
+        for changed_ms, before in override.tag_history:
+            if changed_ms > replica_ms:
+                return tag in before
+        return tag in override.session["tags"]
+
+    def _replica_closed(self, slot: int, key: int, replica_ms: int | None) -> bool:
+        override = self._overrides.get(slot)
+        if override is None or replica_ms is None or override.closed_ms is None:
+            return self._fate(slot, key).closed
+        return override.closed_ms <= replica_ms
 
     def _fate(self, slot: int, key: int) -> Fate:
         override = self._overrides.get(slot)
@@ -474,6 +604,13 @@ class SessionStore:
                     self._cache.popitem(last=False)
                 self._cache[cache_key] = raw
         return raw
+
+
+def _cuid_ms(text: str) -> int | None:
+    """The time part (ms) of a cuid-shaped string, or None when it has none."""
+    if len(text) < 9 or text[0] != "c" or not _BASE36.fullmatch(text, 1, 9):
+        return None
+    return int(text[1:9], 36)
 
 
 def _copy(session: dict[str, Any]) -> dict[str, Any]:
