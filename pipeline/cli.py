@@ -279,7 +279,7 @@ def backfill(settings: Settings, restart: bool) -> None:
     from pipeline.dataset.sink import use_lean_memory_pool
     from pipeline.errors import UsageError
     from pipeline.jobs.backfill import BackfillOptions, BackfillRun
-    from pipeline.jobs.incremental import wall_clock_ms
+    from pipeline.jobs.core import wall_clock_ms
     from pipeline.ops.progress import BackfillProgress
 
     if not settings.since:
@@ -337,7 +337,7 @@ def compact(settings: Settings) -> None:
 
 def _compact(settings: Settings, only: list[str] | None) -> None:
     from pipeline.dataset.compact import compact as run_compact
-    from pipeline.jobs.incremental import new_run_id, wall_clock_ms
+    from pipeline.jobs.core import new_run_id, wall_clock_ms
     from pipeline.store.lock import lock_holder
 
     with state_store(settings).lock(lock_holder()):

@@ -1,37 +1,119 @@
+"""The keyset walk as plain functions: a model of upstream's query feeds it pages."""
+
 import threading
 
 import pytest
 
 from pipeline.api.client import SessionPage
-from pipeline.api.walker import prefetched, walk_pages
+from pipeline.api.walker import KeysetWalk, Listing, WalkState, prefetched, walk_listing
 from pipeline.errors import CursorLoop
 
+BASE = 1_800_000_000_000
 
-def pages_from(chain):
-    def fetch(cursor):
-        return SessionPage([{"id": f"s{cursor}"}], chain.get(cursor), 0)
+
+def iso(ms: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def upstream(rows, size=3, hide=frozenset()):
+    """`WHERE created in [from, to] AND id < cursor ORDER BY created DESC, id DESC LIMIT size+1`,
+    then rows in `hide` dropped (the status re-check) when filter[status] is sent."""
+
+    def fetch(params):
+        low = int(params.get("filter[createdAt][from]", 0))
+        high = int(params.get("filter[createdAt][to]", 10**15))
+        after = params.get("page[after]")
+        found = sorted(
+            (r for r in rows if low <= r[1] <= high and (after is None or r[0] < after)),
+            key=lambda r: (r[1], r[0]),
+            reverse=True,
+        )[: size + 1]
+        page = found[:size]
+        nxt = page[-1][0] if len(found) > size else None
+        shown = [r for r in page if "filter[status]" not in params or r[0] not in hide]
+        data = [{"id": i, "createdAt": iso(c), "closedAt": None,
+                 "expiresAt": iso(BASE) if i in hide else None} for i, c in shown]
+        return SessionPage(data, nxt, BASE + 10**9)
+
     return fetch
 
 
-def test_follows_next_until_absent():
-    fetch = pages_from({None: "a", "a": "b", "b": None})
-    assert [p.sessions[0]["id"] for p in walk_pages(fetch)] == ["sNone", "sa", "sb"]
+def walked(fetch, listing, state=None):
+    return [s["id"] for page in walk_listing(fetch, listing, state) for s in page.sessions]
 
 
-def test_resumes_from_a_cursor():
-    fetch = pages_from({None: "a", "a": "b", "b": None})
-    assert [p.sessions[0]["id"] for p in walk_pages(fetch, "a")] == ["sa", "sb"]
+# ids whose order disagrees with createdAt: "z" is oldest but has the largest id
+SKEWED = [("a", BASE + 9), ("b", BASE + 8), ("c", BASE + 7), ("z", BASE + 6), ("d", BASE + 5),
+          ("e", BASE + 4), ("f", BASE + 3)]
 
 
-def test_repeated_cursor_stops_instead_of_looping():
-    fetch = pages_from({None: "a", "a": "b", "b": "a"})
+def test_a_cursor_walk_loses_the_row_the_keyset_walk_finds():
+    fetch = upstream(SKEWED)
+    cursor_walk, params = [], {"page[size]": "3"}
+    while True:
+        page = fetch(params)
+        cursor_walk += [s["id"] for s in page.sessions]
+        if page.next_cursor is None:
+            break
+        params = {"page[size]": "3", "page[after]": page.next_cursor}
+    assert "z" not in cursor_walk
+    assert sorted(walked(fetch, Listing(page_size=3))) == sorted(i for i, _ in SKEWED)
+
+
+def test_more_than_a_page_in_one_millisecond_is_walked_by_cursor_inside_it():
+    rows = [(f"m{n:02d}", BASE + 5) for n in range(10)] + [("new", BASE + 9), ("old", BASE + 1)]
+    got = walked(upstream(rows, size=3), Listing(page_size=3))
+    assert sorted(got) == sorted(i for i, _ in rows) and len(got) == len(rows)
+
+
+def test_pages_emptied_by_the_status_recheck_still_advance():
+    rows = [(f"r{n:02d}", BASE + n) for n in range(20)]
+    hide = frozenset(f"r{n:02d}" for n in range(3, 17))  # expired: listed by the stale pass
+    listing = Listing({"filter[status]": "ACTIVE"}, page_size=3)
+    got = walked(upstream(rows, size=3, hide=hide), listing)
+    assert sorted(got) == sorted(i for i, _ in rows if i not in hide)
+
+
+def test_a_resumed_walk_continues_exactly():
+    rows = [(f"r{n:02d}", BASE + n // 3) for n in range(30)]
+    fetch = upstream(rows, size=4)
+    listing = Listing(page_size=4)
+    pages = list(walk_listing(fetch, listing))
+    for cut in range(len(pages)):
+        before = [s["id"] for p in pages[: cut + 1] for s in p.sessions]
+        state = WalkState.from_dict(pages[cut].state.to_dict())
+        after = walked(fetch, listing, state)
+        assert sorted(before + after) == sorted(i for i, _ in rows)
+
+
+def test_a_server_repeating_its_cursor_stops_the_walk():
+    def fetch(params):
+        return SessionPage([{"id": "x", "createdAt": iso(BASE)}], params.get("page[after]", "c1"),
+                           BASE)
+
+    with pytest.raises(CursorLoop, match="c1"):
+        list(walk_listing(fetch, Listing(page_size=1)))
+
+
+def test_a_server_ignoring_the_window_stops_the_walk():
+    def fetch(params):
+        data = [{"id": f"s{n}", "createdAt": iso(BASE + n)} for n in range(3)]
+        return SessionPage(data, "cnext", BASE)
+
     with pytest.raises(CursorLoop):
-        list(walk_pages(fetch))
+        list(walk_listing(fetch, Listing(page_size=3)))
 
 
-def test_page_pointing_at_itself_stops():
-    with pytest.raises(CursorLoop):
-        list(walk_pages(pages_from({"a": "a"}), "a"))
+def test_requests_shape():
+    walk = KeysetWalk(Listing({"filter[type]": "t"}, 5, 9, page_size=100))
+    assert walk.request(walk.start(), 5) == {
+        "page[size]": "100", "filter[createdAt][from]": "5", "filter[createdAt][to]": "9",
+        "filter[type]": "t"}
+    pinned = WalkState(to_ms=7, cursor="cx", pinned=True)
+    assert walk.request(pinned, 5)["filter[createdAt][from]"] == "7"
+    assert walk.request(pinned, 5)["page[after]"] == "cx"
 
 
 def test_prefetched_keeps_order_and_surfaces_errors():

@@ -100,5 +100,14 @@ def known_versions(
     return pc.unique(pa.chunked_array(keys, pa.string()).combine_chunks())
 
 
-def _day_of(epoch_ms: int) -> str:
+def day_of_ms(epoch_ms: int) -> str:
+    """The UTC day (`YYYY-MM-DD`, a partition's name) of an epoch-ms timestamp."""
     return pa.scalar(epoch_ms, pa.timestamp("ms")).as_py().date().isoformat()
+
+
+def partition_of(path: str) -> str:
+    """The partition (`YYYY-MM-DD`) of a data file's path under `sessions/`."""
+    return path.split("/")[1].split("=", 1)[1]
+
+
+_day_of = day_of_ms

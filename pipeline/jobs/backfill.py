@@ -4,9 +4,10 @@ A cursor walk has one request in flight; with real network latency it runs far b
 API's limit. The range is cut into windows (epoch-ms bounds, both inclusive, neither
 overlapping nor leaving gaps) that worker threads walk at once, all through one client and
 so one rate limiter. When a worker runs out of windows it splits the unfinished part of the
-largest running one, so no window is left walking alone at the end. Each window
-checkpoints its own cursor in `_state/backfill-<key>.json`; running the same command again
-resumes only what is unfinished. The incremental checkpoint is never touched.
+largest running one, so no window is left walking alone at the end. Each window is an
+exact keyset walk (`pipeline.api.walker`) through the job core and checkpoints its walk's
+state in `_state/backfill-<key>.json`; running the same command again resumes only what is
+unfinished. The incremental checkpoint is never touched.
 """
 
 from __future__ import annotations
@@ -18,22 +19,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-
-import pyarrow.compute as pc
+from typing import Any
 
 from pipeline.api.client import TriggerClient
-from pipeline.dataset.manifest import RunManifest, iso_ms
+from pipeline.api.walker import WalkState, created_ms
+from pipeline.dataset.manifest import iso_ms
 from pipeline.dataset.sink import ParquetSink
 from pipeline.errors import UsageError
-from pipeline.jobs.enrich import TriggerConfigFiller
-from pipeline.jobs.incremental import (
+from pipeline.jobs.core import (
     Clock,
+    FlushingWriter,
+    RowPreparer,
     RunSummary,
-    list_params,
+    RunTotals,
+    finish_report,
+    listing_for,
     new_run_id,
-    sessions_table,
+    page_stream,
     wall_clock_ms,
 )
+from pipeline.jobs.enrich import TriggerConfigFiller
 from pipeline.store.lock import lock_holder
 from pipeline.store.state import Window
 from pipeline.store.storage import Storage
@@ -52,7 +57,8 @@ class WindowProgress:
     wid: int
     from_ms: int
     to_ms: int
-    cursor: str | None = None
+    cursor: str | None = None  # before exact walks: ignored now (the window restarts)
+    walk: dict[str, Any] | None = None  # the window walk's state (pipeline.api.walker)
     flush_seq: int = 0
     done: bool = False
     rows: int = 0
@@ -175,9 +181,7 @@ class BackfillRun:
     def execute(self) -> RunSummary:
         with self.state_storage.exclusive_lock(f"backfill-{self.key}.lock", lock_holder()):
             if self.options.enrich_trigger_config:
-                self.filler = TriggerConfigFiller(
-                    self.client, self.output, self.options.enrich_concurrency
-                )
+                self.filler = TriggerConfigFiller(self.client, self.options.enrich_concurrency)
             try:
                 return self._execute()
             finally:
@@ -347,54 +351,64 @@ class BackfillRun:
     def _walk(self, window: WindowProgress) -> None:
         assert self.state is not None
         per_window_rows = max(1000, self.options.flush_rows // self.options.concurrency)
-        sink = ParquetSink(
-            self.output,
-            f"{self.state.run_id}-w{window.wid:04d}",
-            per_window_rows,
-            self.options.flush_bytes // self.options.concurrency,
-        )
-        filters = self.state.filters
-        cursor = window.cursor
-        rows = pages = 0
-        while True:
-            if self._failure is not None:
-                return
-            with self._lock:
-                bounds = Window(window.from_ms, window.to_ms)
-            page = self.client.list_sessions(list_params(bounds, filters, cursor))
-            table = sessions_table(
-                page.sessions, page.received_at_ms, self.state.run_id, self.filler
+        writer = FlushingWriter(
+            ParquetSink(
+                self.output,
+                f"{self.state.run_id}-w{window.wid:04d}",
+                per_window_rows,
+                self.options.flush_bytes // self.options.concurrency,
             )
-            finished = page.next_cursor is None
-            # one critical section: a split must see these rows as walked, or it would hand
-            # part of them to a new window as well
+        )
+        rows = RowPreparer(self.filler)
+        listing = listing_for(Window(window.from_ms, window.to_ms), self.state.filters)
+        resume = WalkState.from_dict(window.walk) if window.walk else None
+
+        def floor() -> int:
             with self._lock:
-                if table.num_rows:
-                    keep = pc.greater_equal(table["created_at"].cast("int64"), window.from_ms)
-                    if not pc.all(keep).as_py():
-                        table = table.filter(keep)
-                        finished = True  # newest first: the rest belongs to a split-off window
-                if table.num_rows:
-                    window.oldest_seen_ms = pc.min(table["created_at"]).value
-                window.walked_rows += table.num_rows
-                self.rows_seen += table.num_rows
-            pages += 1
-            rows += table.num_rows
-            sink.add(table)
-            cursor = page.next_cursor
-            if finished or sink.should_flush():
-                written = sink.flush(window.flush_seq)
+                return window.from_ms  # rises when the window is split
+
+        walk = page_stream(self.client, listing, resume, floor)
+        try:
+            for page in walk:
+                if self._failure is not None:
+                    return
+                sessions, finished = page.sessions, page.state.done
+                # one critical section: a split must see these rows as walked, or it would
+                # hand part of them to a new window as well
                 with self._lock:
-                    window.flush_seq += 1
-                    window.cursor = None if finished else cursor
-                    window.done = finished
-                    window.rows += rows
-                    window.pages += pages
-                    window.files.extend(f.path for f in written)
-                    self._save()
-                rows = pages = 0
-            if finished:
-                return
+                    if any(created_ms(s) < window.from_ms for s in sessions):
+                        sessions = [s for s in sessions if created_ms(s) >= window.from_ms]
+                        finished = True  # the rest belongs to a split-off window
+                    if page.state.to_ms is not None and page.state.to_ms < window.from_ms:
+                        finished = True
+                    if sessions:
+                        window.oldest_seen_ms = min(created_ms(s) for s in sessions)
+                    window.walked_rows += len(sessions)
+                    self.rows_seen += len(sessions)
+                table, _ = rows.prepare(sessions, page.received_at_ms, self.state.run_id, None)
+                writer.page()
+                writer.add(table)
+                if finished or writer.due():
+                    self._flush(window, writer, page.state, finished)
+                if finished:
+                    return
+            self._flush(window, writer, None, True)  # the walk ended below the window
+        finally:
+            walk.close()
+
+    def _flush(
+        self, window: WindowProgress, writer: FlushingWriter, walk: WalkState | None, done: bool
+    ) -> None:
+        """Write the window's buffered rows, then checkpoint its walk."""
+        flushed = writer.flush(window.flush_seq)
+        with self._lock:
+            window.flush_seq += 1
+            window.walk = None if done or walk is None else walk.to_dict()
+            window.done = done
+            window.rows += flushed.rows
+            window.pages += flushed.pages
+            window.files.extend(flushed.files)
+            self._save()
 
     # -- the end ---------------------------------------------------------------------
 
@@ -402,54 +416,36 @@ class BackfillRun:
         state = self.state
         assert state is not None
         finished = self.clock()
-        files = [path for w in state.windows for path in w.files]
-        partitions = sorted({p.split("/")[1].split("=", 1)[1] for p in files})
-        rows = sum(w.rows for w in state.windows)
-        pages = sum(w.pages for w in state.windows)
         with self._lock:
             state.complete = True
             self._save()
-        RunManifest(
-            run_id=state.run_id,
-            mode=self.mode,
-            window_from=iso_ms(state.since_ms),
-            window_to=iso_ms(state.until_ms),
-            filters=state.filters,
-            started_at=iso_ms(state.started_at_ms),
-            finished_at=iso_ms(finished),
-            seconds=round((finished - state.started_at_ms) / 1000, 3),
-            rows=rows,
-            pages=pages,
-            requests=state.requests,
-            retries=state.retries,
-            rate_limited=state.rate_limited,
-            resumed=int(self.resumed),
-            files=files,
-            partitions=partitions,
-            high_water=None,
-            extra={
-                "windows": len(state.windows),
-                "concurrency": self.options.concurrency,
-                "trigger_config": {
-                    "single_fetches": self.filler.single_fetches if self.filler else 0,
-                },
-            },
-        ).write(self.output)
-        return RunSummary(
+        fetches = self.filler.single_fetches if self.filler else 0
+        return finish_report(
+            self.output,
             run_id=state.run_id,
             mode=self.mode,
             window=Window(state.since_ms, state.until_ms),
-            rows=rows,
-            unchanged=0,
-            pages=pages,
-            requests=state.requests,
-            retries=state.retries,
-            rate_limited=state.rate_limited,
-            files=len(files),
-            partitions=len(partitions),
+            filters=state.filters,
+            started_at_ms=state.started_at_ms,
+            finished_ms=finished,
+            totals=RunTotals(
+                rows=sum(w.rows for w in state.windows),
+                unchanged=0,
+                pages=sum(w.pages for w in state.windows),
+                requests=state.requests,
+                retries=state.retries,
+                rate_limited=state.rate_limited,
+                single_fetches=fetches,
+            ),
+            files=[path for w in state.windows for path in w.files],
+            resumed=int(self.resumed),
+            high_water_ms=None,
+            extra={
+                "windows": len(state.windows),
+                "concurrency": self.options.concurrency,
+                "trigger_config": {"single_fetches": fetches},
+            },
             seconds=time.monotonic() - self.started,
-            resumed=self.resumed,
-            single_fetches=self.filler.single_fetches if self.filler else 0,
         )
 
     # -- progress --------------------------------------------------------------------

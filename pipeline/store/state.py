@@ -46,7 +46,8 @@ class RunProgress:
     window: Window
     filters: dict[str, str]
     started_at_ms: int
-    cursor: str | None = None
+    cursor: str | None = None  # before exact walks: ignored now (the window restarts)
+    walk: dict[str, Any] | None = None  # the window walk's state (pipeline.api.walker)
     flush_seq: int = 0
     walk_complete: bool = False
     rows: int = 0

@@ -198,6 +198,13 @@ class Storage:
         except (OSError, pa.ArrowException) as error:
             raise StorageError(f"cannot read {self.display(path)}: {_describe(error)}") from None
 
+    def parquet_rows(self, path: str) -> int:
+        """Rows in one Parquet file, from its footer; unreadable is a `StorageError`."""
+        try:
+            return pq.read_metadata(self.full_path(path), filesystem=self.fs).num_rows
+        except (OSError, pa.ArrowException) as error:
+            raise StorageError(f"cannot read {self.display(path)}: {_describe(error)}") from None
+
     def list_files(self, prefix: str = "") -> list[StoredFile]:
         """Every file below `prefix` (recursively), sorted by path; empty when it is absent."""
         selector = pafs.FileSelector(self.full_path(prefix), recursive=True, allow_not_found=True)

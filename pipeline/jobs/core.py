@@ -1,0 +1,329 @@
+"""The job core: what `run`, `backfill` and change capture share.
+
+```
+listing (filters, window) ─► page_stream (exact keyset walk, loop guard, prefetch)
+   ─► RowPreparer (versions already held are skipped, triggerConfig filled, flattened)
+   ─► FlushingWriter (sink, counters, progress, checkpoint hook) ─► finish_report
+```
+
+A job is a short plan over these pieces: which listings, which checkpoint, how many at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.api.client import RequestStats, TriggerClient
+from pipeline.api.walker import Listing, WalkedPage, WalkState, prefetched, walk_listing
+from pipeline.dataset.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
+from pipeline.dataset.layout import known_versions, partition_of
+from pipeline.dataset.manifest import RunManifest, iso_ms
+from pipeline.dataset.sink import ParquetSink
+from pipeline.errors import ApiError
+from pipeline.jobs.enrich import TriggerConfigFiller
+from pipeline.store.state import Window
+from pipeline.store.storage import Storage
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], int]  # epoch milliseconds
+Session = dict[str, Any]
+
+# Filters as the API names them; one value each (the server does not split commas).
+FILTER_PARAMS = {
+    "type": "filter[type]",
+    "task_identifier": "filter[taskIdentifier]",
+    "tags": "filter[tags]",
+    "external_id": "filter[externalId]",
+    "status": "filter[status]",
+}
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_run_id(now_ms: int) -> str:
+    stamp = datetime.fromtimestamp(now_ms / 1000, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def listing_for(window: Window, filters: dict[str, str]) -> Listing:
+    """The listing of sessions created in `window` that match `filters` (config names)."""
+    params = {FILTER_PARAMS[name]: value for name, value in filters.items()}
+    return Listing(params, window.from_ms, window.to_ms)
+
+
+def page_stream(
+    client: TriggerClient,
+    listing: Listing,
+    state: WalkState | None = None,
+    floor: Callable[[], int | None] | None = None,
+) -> Iterator[WalkedPage]:
+    """Every listing's pages: the exact walk, its loop guard, the next request in flight."""
+    return prefetched(walk_listing(client.list_sessions, listing, state, floor))
+
+
+# -- which versions are held already ---------------------------------------------------------
+
+
+def session_version(session: Session) -> str:
+    """`id|updatedAt-ms`, the same key `dataset.version_keys` builds from stored rows."""
+    updated = session.get("updatedAt")
+    try:
+        stamp = str(parse_timestamp_ms(updated)) if isinstance(updated, str) else "null"
+    except ValueError:
+        stamp = "null"
+    return f"{session['id']}|{stamp}"
+
+
+class KnownVersions:
+    """Versions (`id|updatedAt`) the dataset or this run holds already.
+
+    The one place a job asks "is this version stored?", so that the lookup behind it can be
+    replaced (a stored-versions index) without touching the jobs.
+    """
+
+    def __init__(self, keys: pa.Array | None = None) -> None:
+        self._parts: list[pa.Array] = [] if keys is None else [keys]
+        self._set: pa.Array | None = None
+
+    @classmethod
+    def stored(cls, storage: Storage, window: Window, skip_run: str) -> KnownVersions:
+        """Versions stored in the partitions `window` touches, except the files of `skip_run`
+        (a resumed run rewrites those under the same names, so their rows must be written)."""
+        return cls(known_versions(storage, window.from_ms, window.to_ms, skip_run))
+
+    def add(self, keys: pa.Array) -> None:
+        if len(keys):
+            self._parts.append(keys)
+            self._set = None
+
+    def fresh(self, sessions: list[Session]) -> tuple[list[Session], pa.Array]:
+        """The sessions whose version is not held yet, and the version keys of those."""
+        keys = pa.array([session_version(s) for s in sessions], pa.string())
+        if self._set is None:
+            parts = [p for p in self._parts if len(p)]
+            self._set = pa.chunked_array(parts, pa.string()).combine_chunks() if parts else None
+        if self._set is None or not len(keys):
+            return list(sessions), keys
+        new = pc.invert(pc.is_in(keys, value_set=self._set))
+        fresh = [s for s, keep in zip(sessions, new.to_pylist(), strict=True) if keep]
+        return fresh, keys.filter(new)
+
+
+class RowPreparer:
+    """Listed sessions into rows to write: versions already held are skipped, triggerConfig
+    is filled where list rows omit it, and the rest is flattened."""
+
+    def __init__(self, filler: TriggerConfigFiller | None) -> None:
+        self.filler = filler
+
+    def prepare(
+        self,
+        sessions: list[Session],
+        received_ms: int,
+        run_id: str,
+        known: KnownVersions | None,
+        *,
+        remember: bool = True,
+        listed: bool = True,
+    ) -> tuple[pa.Table, int]:
+        """(rows to write, how many versions were held already).
+
+        `known` learns the written versions unless `remember` is off (a listing that cannot
+        repeat a row); `listed` is off for sessions read one by one (they carry their config).
+        """
+        fresh = sessions
+        if known is not None:
+            fresh, keys = known.fresh(sessions)
+            if remember:
+                known.add(keys)
+        if self.filler is not None and listed and fresh:
+            fresh = self.filler.fill(fresh)
+        try:
+            table = flatten_sessions(fresh, received_ms, run_id)
+        except MalformedSession as error:
+            raise ApiError(f"the API returned an unusable session: {error}") from None
+        return table, len(sessions) - len(fresh)
+
+
+# -- the flushing writer ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flushed:
+    """What one flush wrote, and what the job did since the flush before."""
+
+    files: tuple[str, ...]
+    rows: int
+    unchanged: int
+    pages: int
+    requests: int
+    retries: int
+    rate_limited: int
+
+
+class FlushingWriter:
+    """The sink with its counters: a flush writes the files, then hands a `Flushed` to the
+    job's checkpoint hook (files first, checkpoint after: a kill between the two redoes the
+    flush under the same file names)."""
+
+    def __init__(
+        self,
+        sink: ParquetSink,
+        stats: RequestStats | None = None,
+        on_rows: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.stats = stats
+        self.on_rows = on_rows  # (pages, rows) since the writer started, for a progress display
+        self.pages = self.rows = self.unchanged = 0
+        self.total_pages = self.total_rows = 0
+        self._base = self._request_counts()
+
+    def _request_counts(self) -> tuple[int, int, int]:
+        if self.stats is None:
+            return 0, 0, 0
+        return self.stats.requests, self.stats.retries, self.stats.rate_limited
+
+    def page(self) -> None:
+        self.pages += 1
+        self.total_pages += 1
+
+    def add(self, table: pa.Table, unchanged: int = 0) -> None:
+        self.sink.add(table)
+        self.rows += table.num_rows
+        self.total_rows += table.num_rows
+        self.unchanged += unchanged
+        if self.on_rows is not None:
+            self.on_rows(self.total_pages, self.total_rows)
+
+    def due(self) -> bool:
+        return self.sink.should_flush()
+
+    def flush(self, seq: int) -> Flushed:
+        written = self.sink.flush(seq)
+        counts = self._request_counts()
+        flushed = Flushed(
+            files=tuple(f.path for f in written),
+            rows=self.rows,
+            unchanged=self.unchanged,
+            pages=self.pages,
+            requests=counts[0] - self._base[0],
+            retries=counts[1] - self._base[1],
+            rate_limited=counts[2] - self._base[2],
+        )
+        self.pages = self.rows = self.unchanged = 0
+        self._base = counts
+        return flushed
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    mode: str
+    window: Window
+    rows: int
+    unchanged: int
+    pages: int
+    requests: int
+    retries: int
+    rate_limited: int
+    files: int
+    partitions: int
+    seconds: float
+    resumed: bool
+    single_fetches: int = 0
+
+    def line(self) -> str:
+        window = f"{iso_ms(self.window.from_ms) or 'beginning'} .. {iso_ms(self.window.to_ms)}"
+        return (
+            f"run {self.run_id} ({self.mode}{', resumed' if self.resumed else ''}) done: "
+            f"{self.rows} sessions ({self.unchanged} unchanged skipped), "
+            f"{self.partitions} partitions, {self.files} files, "
+            f"{self.pages} pages, {self.single_fetches} single fetches, "
+            f"{self.requests} requests, {self.retries} retries, "
+            f"{self.rate_limited} rate-limited, {self.seconds:.1f}s; window {window}"
+        )
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """A finished run's counters, whichever job ran."""
+
+    rows: int
+    unchanged: int
+    pages: int
+    requests: int
+    retries: int
+    rate_limited: int
+    single_fetches: int
+
+
+def finish_report(
+    output: Storage,
+    *,
+    run_id: str,
+    mode: str,
+    window: Window,
+    filters: dict[str, str],
+    started_at_ms: int,
+    finished_ms: int,
+    totals: RunTotals,
+    files: list[str],
+    resumed: int,
+    high_water_ms: int | None,
+    extra: dict[str, object],
+    seconds: float,
+) -> RunSummary:
+    """Write the run's manifest (`_runs/<run>.json`) and return its summary."""
+    partitions = sorted({partition_of(path) for path in files})
+    RunManifest(
+        run_id=run_id,
+        mode=mode,
+        window_from=iso_ms(window.from_ms),
+        window_to=iso_ms(window.to_ms),
+        filters=filters,
+        started_at=iso_ms(started_at_ms),
+        finished_at=iso_ms(finished_ms),
+        seconds=round((finished_ms - started_at_ms) / 1000, 3),
+        rows=totals.rows,
+        pages=totals.pages,
+        requests=totals.requests,
+        retries=totals.retries,
+        rate_limited=totals.rate_limited,
+        resumed=resumed,
+        files=files,
+        partitions=partitions,
+        high_water=iso_ms(high_water_ms),
+        extra={"unchanged_skipped": totals.unchanged, **extra},
+    ).write(output)
+    return RunSummary(
+        run_id=run_id,
+        mode=mode,
+        window=window,
+        rows=totals.rows,
+        unchanged=totals.unchanged,
+        pages=totals.pages,
+        requests=totals.requests,
+        retries=totals.retries,
+        rate_limited=totals.rate_limited,
+        files=len(files),
+        partitions=len(partitions),
+        seconds=seconds,
+        resumed=bool(resumed),
+        single_fetches=totals.single_fetches,
+    )
