@@ -94,7 +94,7 @@ def test_retry_budget_exhausted_exits_4_and_the_next_run_resumes(emulator, outpu
     assert first.returncode == 4, first.stderr
     assert "still failing" in first.stderr and "Traceback" not in first.stderr
     progress = checkpoint_of(output)["in_progress"]
-    assert progress["flush_seq"] >= 1 and progress["cursor"]
+    assert progress["flush_seq"] >= 1 and progress["walk"]
     second = run_cli("run", "--output", str(output), "--flush-rows", "100", *FAST_RETRY,
                      "--max-attempts", "30", url=emu.url)
     assert second.returncode == 0, second.stderr
