@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-faults bench-backfill clean
+.PHONY: install demo test lint bench bench-faults bench-backfill bench-walk clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,7 @@ bench-faults: $(STAMP)
 ## A concurrent backfill against the rate-limit ceiling, next to a sequential walk.
 bench-backfill: $(STAMP)
 	$(BIN)/python -m bench.backfill
+
+## The exact walk's extra requests next to a plain cursor walk, same listings.
+bench-walk: $(STAMP)
+	$(BIN)/python -m bench.walk_cost
