@@ -705,3 +705,55 @@ def test_a_million_sessions_start_fast_and_deep_pages_cost_like_the_first() -> N
         assert ranged < max(5 * first, 0.02)
         assert ranged_body["data"][0]["createdAt"] == body["data"][0]["createdAt"]
         assert len(running.store) == 1_000_000
+
+
+# -- upstream's skewed ids and lagging replica ----------------------------------------------
+
+
+def test_skewed_ids_follow_upstreams_query_exactly() -> None:
+    config = EmulatorConfig(sessions=2000, seed=4, days=2000 * 13 / 86_400_000, id_skew_ms=25,
+                            rate_limit=False)
+    with start_in_thread(config) as running, httpx.Client(headers=AUTH) as http:
+        truth = list(running.store.iter_sessions())
+        key = {s["id"]: (parse_iso_ms(s["createdAt"]), s["id"]) for s in truth}
+        assert sorted(truth, key=lambda s: s["id"]) != sorted(truth, key=lambda s: key[s["id"]])
+        params: dict[str, str] = {"page[size]": "100"}
+        for _ in range(6):
+            body = http.get(running.url + "/api/v1/sessions", params=params).json()
+            cursor = params.get("page[after]")
+            # WHERE session_id < cursor ORDER BY created_at DESC, session_id DESC LIMIT 100
+            expected = sorted(
+                (s for s in truth if cursor is None or s["id"][len("session_"):] < cursor),
+                key=lambda s: key[s["id"]], reverse=True)[:100]
+            assert [row["id"] for row in body["data"]] == [s["id"] for s in expected]
+            assert body["pagination"]["next"] == expected[-1]["id"][len("session_"):]
+            params["page[after]"] = body["pagination"]["next"]
+        for session in truth[::97]:  # a skewed id is still found by GET
+            assert http.get(f"{running.url}/api/v1/sessions/{session['id']}").json() == session
+
+
+def test_the_list_lags_by_the_replication_delay() -> None:
+    config = EmulatorConfig(sessions=50, seed=6, replication_delay=0.6, rate_limit=False)
+    with start_in_thread(config) as running, httpx.Client(
+        base_url=running.url, headers=AUTH
+    ) as http:
+        def listed(**filters: str) -> set[str]:
+            params = {"page[size]": "100", **{f"filter[{k}]": v for k, v in filters.items()}}
+            return {row["id"] for row in http.get("/api/v1/sessions", params=params).json()["data"]}
+
+        body = {"type": "chat.agent", "taskIdentifier": "t", "tags": ["old"],
+                "triggerConfig": {"basePayload": {}}}
+        session = http.post("/api/v1/sessions", json=body).json()
+        assert http.get(f"/api/v1/sessions/{session['id']}").status_code == 200
+        assert session["id"] not in listed()  # not replicated yet
+        time.sleep(0.7)
+        assert session["id"] in listed() and session["id"] in listed(tags="old")
+        http.patch(f"/api/v1/sessions/{session['id']}", json={"tags": ["new"]})
+        http.post(f"/api/v1/sessions/{session['id']}/close", json={})
+        assert session["id"] in listed(tags="old")  # the replica still has the old tags
+        assert session["id"] not in listed(tags="new")
+        assert session["id"] not in listed(status="CLOSED")  # nor the close, yet
+        assert session["id"] not in listed(status="ACTIVE")  # status is re-checked fresh
+        time.sleep(0.7)
+        assert session["id"] in listed(tags="new") and session["id"] not in listed(tags="old")
+        assert session["id"] in listed(status="CLOSED")

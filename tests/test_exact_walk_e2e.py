@@ -227,3 +227,19 @@ def test_a_repeated_cursor_stops_the_departed_listing_with_exit_4(emulator, repe
     server = repeating(loops, newest)
     result = run_cli("run", "--output", str(output), url=server.url, timeout=60)
     _assert_loop_stopped(result, server)
+
+
+def test_sessions_the_lagging_list_shows_late_come_with_the_next_run(emulator, output):
+    emu = emulator(sessions=300, seed=14, replication_delay=1.5, id_skew_ms=25)
+    with httpx.Client(base_url=emu.url, headers=AUTH) as http:
+        for n in range(5):
+            body = {"type": "chat.agent", "taskIdentifier": "late", "externalId": f"late-{n}",
+                    "triggerConfig": {"basePayload": {"n": n}}}
+            assert http.post("/api/v1/sessions", json=body).is_success
+    first = run_cli("run", "--output", str(output), url=emu.url)
+    assert first.returncode == 0, first.stderr
+    assert "300 sessions" in first.stdout  # the five are not listed yet
+    time.sleep(1.6)
+    second = run_cli("run", "--output", str(output), url=emu.url)
+    assert second.returncode == 0, second.stderr
+    assert_dataset_equals(output, emulator_sessions(emu.url))
