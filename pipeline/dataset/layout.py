@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.dataset.sink import DATASET_DIR
+from pipeline.dataset.schema import PARTITION_KEY
+from pipeline.dataset.sink import DATASET_DIR, MS_PER_DAY, day_label
 from pipeline.store.storage import Storage, StoredFile
 
 _PARTITION_FILE = re.compile(
-    rf"^{DATASET_DIR}/created_date=(\d{{4}}-\d{{2}}-\d{{2}})/([^/]+\.parquet)$"
+    rf"^{DATASET_DIR}/{PARTITION_KEY}=(\d{{4}}-\d{{2}}-\d{{2}})/([^/]+\.parquet)$"
 )
 
 
@@ -102,7 +103,7 @@ def known_versions(
 
 def day_of_ms(epoch_ms: int) -> str:
     """The UTC day (`YYYY-MM-DD`, a partition's name) of an epoch-ms timestamp."""
-    return pa.scalar(epoch_ms, pa.timestamp("ms")).as_py().date().isoformat()
+    return day_label(epoch_ms // MS_PER_DAY)  # the sink's own rule, so the two never differ
 
 
 def partition_of(path: str) -> str:

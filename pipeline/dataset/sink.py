@@ -17,7 +17,7 @@ from pipeline.dataset.schema import PARTITION_KEY, SCHEMA
 from pipeline.store.storage import Storage
 
 DATASET_DIR = "sessions"
-_MS_PER_DAY = 86_400_000
+MS_PER_DAY = 86_400_000
 ROW_GROUP_ROWS = 8192  # bounds the Parquet writer's buffers: peak memory stays flat with file size
 
 
@@ -65,7 +65,7 @@ def split_by_day(table: pa.Table) -> list[tuple[str, pa.Table]]:
     """
     if table.num_rows == 0:
         return []
-    days = pc.divide(table["created_at"].cast(pa.int64()), _MS_PER_DAY).combine_chunks()
+    days = pc.divide(table["created_at"].cast(pa.int64()), MS_PER_DAY).combine_chunks()
     changes = pc.indices_nonzero(pc.not_equal(days.slice(1), days.slice(0, len(days) - 1)))
     starts = [0, *(i + 1 for i in changes.to_pylist())]
     run_days = [days[i].as_py() for i in starts]
@@ -77,11 +77,12 @@ def split_by_day(table: pa.Table) -> list[tuple[str, pa.Table]]:
     else:
         for day in set(run_days):
             parts[day] = table.filter(pc.equal(days, day))
-    return [(_day_label(day), parts[day]) for day in sorted(parts)]
+    return [(day_label(day), parts[day]) for day in sorted(parts)]
 
 
-def _day_label(day: int) -> str:
-    return pa.scalar(day * _MS_PER_DAY, pa.timestamp("ms")).as_py().date().isoformat()
+def day_label(day: int) -> str:
+    """`YYYY-MM-DD` of a UTC day counted from the epoch: a partition's name."""
+    return pa.scalar(day * MS_PER_DAY, pa.timestamp("ms")).as_py().date().isoformat()
 
 
 class ParquetSink:
