@@ -24,7 +24,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pipeline.api.client import PAGE_SIZE, SessionPage
@@ -73,15 +73,21 @@ class WalkedPage:
     received_at_ms: int
 
 
+def _epoch_ms(text: str) -> int:
+    stamp = datetime.fromisoformat(text)
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)  # the API writes UTC
+    return round(stamp.timestamp() * 1000)
+
+
 def created_ms(session: Session) -> int:
     """`createdAt` in epoch ms (the API writes ISO-8601 UTC with milliseconds)."""
     try:
-        stamp = datetime.fromisoformat(session["createdAt"])
+        return _epoch_ms(session["createdAt"])
     except (TypeError, ValueError):
         raise ApiError(
             f"session {session.get('id')!r} has an unusable createdAt {session.get('createdAt')!r}"
         ) from None
-    return round(stamp.timestamp() * 1000)
 
 
 def derived_status(session: Session, now_ms: int) -> str:
@@ -91,7 +97,7 @@ def derived_status(session: Session, now_ms: int) -> str:
     expires = session.get("expiresAt")
     if isinstance(expires, str):
         try:
-            if round(datetime.fromisoformat(expires).timestamp() * 1000) <= now_ms:
+            if _epoch_ms(expires) <= now_ms:
                 return "EXPIRED"
         except ValueError:
             pass

@@ -12,6 +12,7 @@ The fetches run concurrently through the shared client, and so within its rate l
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -27,6 +28,7 @@ class TriggerConfigFiller:
     def __init__(self, client: TriggerClient, concurrency: int) -> None:
         self.client = client
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="enrich")
+        self._counting = threading.Lock()  # backfill windows fill from several threads
         self.single_fetches = 0
         self.newer_versions = 0  # fetched sessions that had changed since they were listed
         # once one list row carries triggerConfig, the server includes it (the public docs'
@@ -48,8 +50,8 @@ class TriggerConfigFiller:
         if not missing or self.lists_carry_config:
             return sessions
         filled = list(sessions)
-        self.single_fetches += len(missing)
         fetched = self._pool.map(self._fetch, [sessions[i]["id"] for i in missing])
+        newer = 0
         for index, full in zip(missing, fetched, strict=True):
             listed = sessions[index]
             if full is None:
@@ -59,8 +61,11 @@ class TriggerConfigFiller:
                 if filled[index][TRIGGER_CONFIG] is None:
                     del filled[index][TRIGGER_CONFIG]
             else:
-                self.newer_versions += 1
+                newer += 1
                 filled[index] = full
+        with self._counting:
+            self.single_fetches += len(missing)
+            self.newer_versions += newer
         return filled
 
     def _fetch(self, session_id: str) -> Session | None:
