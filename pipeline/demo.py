@@ -115,6 +115,7 @@ def _change_sessions(url: str) -> str:
                     "type": "chat.agent",
                     "taskIdentifier": "demo-chat",
                     "externalId": f"demo-{n}",
+                    "triggerConfig": {"basePayload": {"demo": n}},  # required upstream
                 },
             ).raise_for_status()
     return "changed through the API: closed 30, updated 20, created 50 sessions"
