@@ -28,6 +28,7 @@ from pipeline.dataset.sink import ParquetSink
 from pipeline.errors import UsageError
 from pipeline.jobs.core import (
     Clock,
+    Flushed,
     FlushingWriter,
     RowPreparer,
     RunSummary,
@@ -357,7 +358,9 @@ class BackfillRun:
                 f"{self.state.run_id}-w{window.wid:04d}",
                 per_window_rows,
                 self.options.flush_bytes // self.options.concurrency,
-            )
+            ),
+            lambda flushed, walk: self._checkpoint(window, flushed, walk),
+            first_seq=window.flush_seq,
         )
         rows = RowPreparer(self.filler)
         listing = listing_for(Window(window.from_ms, window.to_ms), self.state.filters)
@@ -388,23 +391,20 @@ class BackfillRun:
                 table, _ = rows.prepare(sessions, page.received_at_ms, self.state.run_id, None)
                 writer.page()
                 writer.add(table)
-                if finished or writer.due():
-                    self._flush(window, writer, page.state, finished)
                 if finished:
+                    writer.commit(None)
                     return
-            self._flush(window, writer, None, True)  # the walk ended below the window
+                writer.commit_if_due(page.state)
+            writer.commit(None)  # the walk ended below the window
         finally:
             walk.close()
 
-    def _flush(
-        self, window: WindowProgress, writer: FlushingWriter, walk: WalkState | None, done: bool
-    ) -> None:
-        """Write the window's buffered rows, then checkpoint its walk."""
-        flushed = writer.flush(window.flush_seq)
+    def _checkpoint(self, window: WindowProgress, flushed: Flushed, walk: WalkState | None) -> None:
+        """After a window's flush: record its files and walk (None: the window is done)."""
         with self._lock:
-            window.flush_seq += 1
-            window.walk = None if done or walk is None else walk.to_dict()
-            window.done = done
+            window.flush_seq = flushed.seq + 1
+            window.walk = None if walk is None else walk.to_dict()
+            window.done = walk is None
             window.rows += flushed.rows
             window.pages += flushed.pages
             window.files.extend(flushed.files)

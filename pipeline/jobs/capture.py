@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -93,7 +92,6 @@ class ChangeCapture:
         known: KnownVersions,
         filters: dict[str, str],
         run_id: str,
-        commit: Callable[[FlushingWriter], None],
     ) -> ActiveSetBuilder:
         """Write the versions of live and departed sessions not held yet; the new active set."""
         known.add(active_keys(self.previous))
@@ -104,13 +102,13 @@ class ChangeCapture:
             cost.pages += 1
             writer.page()
             active.add(active_rows_of(page.sessions))
-            self._write(writer, page.sessions, page.received_at_ms, run_id, known, cost, commit)
+            self._write(writer, page.sessions, page.received_at_ms, run_id, known, cost)
 
         now_live = pq.read_table(pa.BufferReader(active.finish()), columns=["id"])["id"]
         gone = pc.invert(pc.is_in(self.previous["id"], value_set=now_live))
         departed = self.previous.filter(gone)
         if departed.num_rows:
-            self._read_departed(writer, departed, filters, run_id, known, commit)
+            self._read_departed(writer, departed, filters, run_id, known)
         log.info(
             "active sessions: %d now, %d at the last run, %d departed",
             len(now_live),
@@ -126,7 +124,6 @@ class ChangeCapture:
         filters: dict[str, str],
         run_id: str,
         known: KnownVersions,
-        commit: Callable[[FlushingWriter], None],
     ) -> None:
         """Final state of sessions that left the active set: closed or expired since."""
         cost = self.costs["departed"]
@@ -143,7 +140,7 @@ class ChangeCapture:
                     writer.page()
                     mine = [s for s in page.sessions if s["id"] in remaining]
                     remaining.difference_update(s["id"] for s in mine)
-                    self._write(writer, mine, page.received_at_ms, run_id, known, cost, commit)
+                    self._write(writer, mine, page.received_at_ms, run_id, known, cost)
         else:
             cost.strategy = "get each"
         if remaining:
@@ -152,7 +149,7 @@ class ChangeCapture:
             cost.single_fetches += len(remaining)
             sessions = [s for s in found if s is not None]
             received = wall_clock_ms()
-            self._write(writer, sessions, received, run_id, known, cost, commit, listed=False)
+            self._write(writer, sessions, received, run_id, known, cost, listed=False)
 
     def _write(
         self,
@@ -162,7 +159,6 @@ class ChangeCapture:
         run_id: str,
         known: KnownVersions,
         cost: PartCost,
-        commit: Callable[[FlushingWriter], None],
         listed: bool = True,
     ) -> None:
         """Write the sessions whose version is not held yet (`known` learns them)."""
@@ -172,8 +168,7 @@ class ChangeCapture:
         cost.unchanged += unchanged
         cost.rows += table.num_rows
         writer.add(table, unchanged)
-        if writer.due():
-            commit(writer)
+        writer.commit_if_due(None)  # these listings are redone whole after an interruption
 
     def _stored_rows(self, low_ms: int, high_ms: int) -> int:
         """Rows the dataset holds in the partitions of a createdAt span (file footers only)."""

@@ -164,6 +164,7 @@ class RowPreparer:
 class Flushed:
     """What one flush wrote, and what the job did since the flush before."""
 
+    seq: int
     files: tuple[str, ...]
     rows: int
     unchanged: int
@@ -173,18 +174,26 @@ class Flushed:
     rate_limited: int
 
 
+# Saves where the job stands after a flush; the walk's state is None once nothing is left.
+CheckpointHook = Callable[[Flushed, WalkState | None], None]
+
+
 class FlushingWriter:
-    """The sink with its counters: a flush writes the files, then hands a `Flushed` to the
-    job's checkpoint hook (files first, checkpoint after: a kill between the two redoes the
-    flush under the same file names)."""
+    """The sink with its counters, progress and checkpoint hook: a commit writes the files,
+    then hands a `Flushed` and the walk's state to the hook (files first, checkpoint after:
+    a kill between the two redoes the flush under the same file names)."""
 
     def __init__(
         self,
         sink: ParquetSink,
+        checkpoint: CheckpointHook,
+        first_seq: int = 0,
         stats: RequestStats | None = None,
         on_rows: Callable[[int, int], None] | None = None,
     ) -> None:
         self.sink = sink
+        self.checkpoint = checkpoint
+        self.seq = first_seq
         self.stats = stats
         self.on_rows = on_rows  # (pages, rows) since the writer started, for a progress display
         self.pages = self.rows = self.unchanged = 0
@@ -208,13 +217,16 @@ class FlushingWriter:
         if self.on_rows is not None:
             self.on_rows(self.total_pages, self.total_rows)
 
-    def due(self) -> bool:
-        return self.sink.should_flush()
+    def commit_if_due(self, walk: WalkState | None) -> None:
+        if self.sink.should_flush():
+            self.commit(walk)
 
-    def flush(self, seq: int) -> Flushed:
-        written = self.sink.flush(seq)
+    def commit(self, walk: WalkState | None) -> None:
+        """Flush what is buffered, then checkpoint `walk` (None: nothing is left to walk)."""
+        written = self.sink.flush(self.seq)
         counts = self._request_counts()
         flushed = Flushed(
+            seq=self.seq,
             files=tuple(f.path for f in written),
             rows=self.rows,
             unchanged=self.unchanged,
@@ -223,9 +235,10 @@ class FlushingWriter:
             retries=counts[1] - self._base[1],
             rate_limited=counts[2] - self._base[2],
         )
+        self.seq += 1
         self.pages = self.rows = self.unchanged = 0
         self._base = counts
-        return flushed
+        self.checkpoint(flushed, walk)
 
 
 # -- the report ---------------------------------------------------------------------------------

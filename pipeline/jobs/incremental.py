@@ -27,6 +27,7 @@ from pipeline.dataset.sink import ParquetSink
 from pipeline.jobs.capture import ChangeCapture, PartCost, active_rows_of
 from pipeline.jobs.core import (
     Clock,
+    Flushed,
     FlushingWriter,
     KnownVersions,
     RowPreparer,
@@ -157,7 +158,9 @@ class IncrementalRun:
             ParquetSink(
                 self.output, progress.run_id, self.options.flush_rows, self.options.flush_bytes
             ),
-            self.client.stats,
+            self._checkpoint,
+            first_seq=progress.flush_seq,
+            stats=self.client.stats,
             on_rows=lambda pages, rows: self._report_progress(
                 start_pages + pages, start_rows + rows
             ),
@@ -183,13 +186,9 @@ class IncrementalRun:
                         self.options.enrich_concurrency,
                     )
                     active = capture.run(
-                        writer,
-                        self._capture_known(),
-                        self.progress.filters,
-                        self.progress.run_id,
-                        self._commit_changes,
+                        writer, self._capture_known(), self.progress.filters, self.progress.run_id
                     )
-                self._commit(writer, None, complete=True, save=False)
+                writer.commit(None)
             return self._finish(active, capture, time.monotonic() - started, resumed)
         finally:
             self._live.discard()
@@ -238,11 +237,10 @@ class IncrementalRun:
             cost.unchanged += unchanged
             cost.rows += table.num_rows
             writer.add(table, unchanged)
-            if writer.due():
-                self._commit(writer, page.state, page.state.done, save=True)
+            writer.commit_if_due(None if page.state.done else page.state)
         assert self.progress is not None
         if not self.progress.walk_complete:
-            self._commit(writer, None, True, save=True)
+            writer.commit(None)
 
     def _remember_met(self, sessions: list, table: pa.Table, ids: set[str]) -> None:
         """Versions of live or watched sessions, listed and written, for parts 2 and 3."""
@@ -268,20 +266,16 @@ class IncrementalRun:
 
     # -- the flushes -------------------------------------------------------------------
 
-    def _commit_changes(self, writer: FlushingWriter) -> None:
-        self._commit(writer, None, complete=True, save=False)
-
-    def _commit(
-        self, writer: FlushingWriter, walk: WalkState | None, complete: bool, save: bool
-    ) -> None:
-        """Flush, fold the counters into the progress, and (part 1) save the checkpoint."""
+    def _checkpoint(self, flushed: Flushed, walk: WalkState | None) -> None:
+        """Fold a flush into the progress; while the window is walked, save the checkpoint
+        (parts 2 and 3 are redone whole after an interruption, so they save nothing)."""
         progress = self.progress
         assert progress is not None
-        flushed = writer.flush(progress.flush_seq)
+        saving = not progress.walk_complete
         self.progress = progress.after_flush(
-            walk=None if walk is None or complete else walk.to_dict(),
-            flush_seq=progress.flush_seq + 1,
-            walk_complete=complete or progress.walk_complete,
+            walk=None if walk is None else walk.to_dict(),
+            flush_seq=flushed.seq + 1,
+            walk_complete=walk is None,
             rows=progress.rows + flushed.rows,
             unchanged=progress.unchanged + flushed.unchanged,
             pages=progress.pages + flushed.pages,
@@ -291,14 +285,14 @@ class IncrementalRun:
             max_created_ms=self._max_created,
             files=progress.files + flushed.files,
         )
-        if save:
+        if saving:
             self.state.save(replace(self.checkpoint, in_progress=self.progress))
         log.info(
             "flush %d: %d files, %d sessions so far, walk at %s",
-            progress.flush_seq,
+            flushed.seq,
             len(flushed.files),
             self.progress.rows,
-            "end" if walk is None or complete else f"createdAt <= {iso_ms(walk.to_ms)}",
+            "end" if walk is None else f"createdAt <= {iso_ms(walk.to_ms)}",
         )
 
     # -- the report ----------------------------------------------------------------------
