@@ -66,14 +66,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seed", type=int, default=3)
     args = parser.parse_args()
-    print("| data | listing | plain walk: requests | plain walk: rows lost / twice "
-          "| exact walk: requests | extra requests | exact walk: rows |")
+    print(
+        "| data | listing | plain walk: requests | plain walk: rows lost / twice "
+        "| exact walk: requests | extra requests | exact walk: rows |"
+    )
     print("|---|---|---|---|---|---|---|")
     for label, options in SCENARIOS:
         config = EmulatorConfig(seed=args.seed, rate_limit=False, port=0, **options)
-        with start_in_thread(config) as emu, TriggerClient(
-            ClientSettings(base_url=emu.url), KEY
-        ) as client:
+        with (
+            start_in_thread(config) as emu,
+            TriggerClient(ClientSettings(base_url=emu.url), KEY) as client,
+        ):
             sessions = list(emu.store.iter_sessions())
             for name, filters in LISTINGS:
                 now = now_ms()
