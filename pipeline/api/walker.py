@@ -80,6 +80,10 @@ def _epoch_ms(text: str) -> int:
     return round(stamp.timestamp() * 1000)
 
 
+def _iso(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
 def created_ms(session: Session) -> int:
     """`createdAt` in epoch ms (the API writes ISO-8601 UTC with milliseconds)."""
     try:
@@ -217,9 +221,10 @@ def walk_listing(
         params = strategy.request(state, floor_ms)
         signature = tuple(sorted(params.items()))
         if signature in sent:
+            where = "" if state.to_ms is None else f", createdAt <= {_iso(state.to_ms)}"
             raise CursorLoop(
                 f"the walk stopped advancing: the API answered the same page again (cursor "
-                f"{last_cursor!r}, createdAt <= {state.to_ms}); stopping instead of looping "
+                f"{last_cursor!r}{where}); stopping instead of looping "
                 "(is TRIGGER_API_URL a Trigger.dev sessions API?)"
             )
         if len(recent) == recent.maxlen:
