@@ -427,6 +427,7 @@ class BackfillRun:
             files=files,
             partitions=partitions,
             high_water=None,
+            branch=self.client.branch,
             extra={
                 "windows": len(state.windows),
                 "concurrency": self.options.concurrency,

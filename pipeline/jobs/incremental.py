@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.api.client import PAGE_SIZE, SessionPage, TriggerClient
+from pipeline.api.filters import FILTER_PARAMS
 from pipeline.api.walker import prefetched, walk_pages
 from pipeline.dataset.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
 from pipeline.dataset.layout import files_by_partition, known_versions, read_file, version_keys
@@ -57,16 +58,6 @@ Session = dict[str, Any]
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-# Filters as the API names them; one value each (the server does not split commas).
-FILTER_PARAMS = {
-    "type": "filter[type]",
-    "task_identifier": "filter[taskIdentifier]",
-    "tags": "filter[tags]",
-    "external_id": "filter[externalId]",
-    "status": "filter[status]",
-}
 
 
 @dataclass(frozen=True)
@@ -455,6 +446,7 @@ class IncrementalRun:
             files=list(progress.files),
             partitions=partitions,
             high_water=iso_ms(high_water),
+            branch=self.client.branch,
             extra={
                 "unchanged_skipped": progress.unchanged,
                 "parts": {name: vars(cost) for name, cost in self.costs.items()},
