@@ -8,9 +8,7 @@ import json
 import os
 import socket
 import ssl
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +17,18 @@ import httpx
 import pytest
 import trustme
 
-from tests.conftest import KEY, ROOT, emulator_stats, read_dataset, run_cli
+from tests.conftest import (
+    KEY,
+    ROOT,
+    emulator_stats,
+    free_port,
+    read_dataset,
+    run_cli,
+    start_server,
+)
 
 PREVIEW_KEY = "tr_preview_" + "test_key_0123456789"
 API_HOST = "api.trigger.test"  # not loopback: only the proxy knows where it is
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- preview and dev branches ------------------------------------------------------------
@@ -217,24 +217,15 @@ class ForwardProxy:
 @pytest.fixture(scope="module")
 def forward_proxy(tmp_path_factory) -> Iterator[ForwardProxy]:
     record = tmp_path_factory.mktemp("proxy") / "seen.bin"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PROXY_RECORD": str(record), "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(
+    process = start_server(
         [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(port),
          "--num-acceptors", "1", "--plugins", "tests.proxy_recorder.RecordingResolver",
          "--log-level", "WARNING"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close(), "proxy.py",
+        env=env, cwd=ROOT,
     )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError("proxy.py did not start") from None
-            time.sleep(0.1)
     try:
         yield ForwardProxy(f"http://127.0.0.1:{port}", record)
     finally:
