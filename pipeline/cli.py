@@ -64,7 +64,7 @@ def option_flag(option: Option) -> Callable[[Callable], Callable]:
     return click.option(
         option.flag,
         option.name,
-        type=click.Choice(option.choices, case_sensitive=False) if option.choices else option.type,
+        type=option.type,  # choices are checked with the file's values: one line
         default=None,
         help=f"{option.help}{f' [default: {default}]' if default else ''}{tail}",
     )
