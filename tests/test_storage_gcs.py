@@ -192,6 +192,15 @@ def test_gcs_failures_are_one_line_exit_5(emulator, gcs):
     missing = cli("run", "--output", "gs://no-such-bucket-here/out", url=emu.url, gcs=gcs)
     assert missing.returncode == 5, missing.stderr
     assert "Traceback" not in missing.stderr
-    assert len([x for x in missing.stderr.splitlines() if "error" in x]) == 1
+    assert len([x for x in missing.stderr.splitlines() if "error" in x]) == 1, missing.stderr
+    assert "the bucket does not exist" in missing.stderr
+    listing = cli("verify", "--output", "gs://no-such-bucket-here/out", url=None, gcs=gcs)
+    assert listing.returncode == 5 and "does not exist" in listing.stderr, listing.stderr
+
+    closed = GcsServer(f"http://127.0.0.1:{free_port()}")
+    unreachable = cli("run", "--output", "gs://bucket/out", url=emu.url, gcs=closed)
+    assert unreachable.returncode == 5, unreachable.stderr
+    assert "cannot reach the storage endpoint" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
 
 
