@@ -102,8 +102,9 @@ def with_options(
             wrapper = option_flag(OPTION_BY_NAME[name])(wrapper)
         if filters:
             for filter_ in reversed(FILTERS):
-                flag = "--" + filter_.name.replace("_", "-")
-                wrapper = click.option(flag, filter_.name, default=None, help=filter_.help)(wrapper)
+                wrapper = click.option(filter_.flag, filter_.name, default=None, help=filter_.help)(
+                    wrapper
+                )
         if each_environment:
             wrapper = click.option(
                 "--all-environments",

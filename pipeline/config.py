@@ -253,7 +253,7 @@ def load_settings(
     values.update({k: v for k, v in flags.items() if v is not None})
     for name, value in filter_flags.items():
         if value is not None:
-            filters[name] = check_filter(name, value, "--" + name.replace("_", "-"))
+            filters[name] = check_filter(name, value, FILTER_BY_NAME[name].flag)
     _check_values(values)
     return Settings(**values, filters=filters, source=config_file, environment=environment)
 

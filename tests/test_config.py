@@ -115,7 +115,7 @@ def test_readme_filter_table_matches_the_declarations():
     rows = table_rows((ROOT / "README.md").read_text(), "| filter | flag | API parameter |")
     assert [r[0] for r in rows] == [f"`{f.name}`" for f in FILTERS]
     for row, filter_ in zip(rows, FILTERS, strict=True):
-        assert row[1] == f"`--{filter_.name.replace('_', '-')}`"
+        assert row[1] == f"`{filter_.flag}`"
         assert row[2].startswith(f"`{filter_.param}`")
 
 

@@ -21,6 +21,10 @@ class Filter:
     help: str
     choices: tuple[str, ...] = ()  # upper-case values the API accepts; empty: any string
 
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
 
 FILTERS: tuple[Filter, ...] = (
     Filter("type", "filter[type]", "only sessions of this type (one value)"),
