@@ -68,6 +68,9 @@ def test_proxies_by_the_standard_variables(monkeypatch):
         proxy_for("http://trigger.example")
     assert "pw" not in str(error.value)  # proxy credentials are not printed
     assert proxy_for("http://api.trigger.dev") is None  # NO_PROXY: direct, never the proxy
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://proxy.internal:1080")
+    with pytest.raises(UsageError, match="socks5://, which is not supported"):
+        proxy_for("https://api.example.com")
 
 
 def test_ca_bundle_must_be_a_pem_file(tmp_path):

@@ -118,13 +118,19 @@ def proxy_for(url: str) -> str | None:
     proxy = proxies.get(parts.scheme) or proxies.get("all")
     if not proxy or urllib.request.proxy_bypass_environment(host, proxies):
         return None
-    if parts.scheme == "http":
-        proxy_host = urlsplit(proxy if "://" in proxy else f"http://{proxy}").hostname
+    proxy = proxy if "://" in proxy else f"http://{proxy}"
+    proxy_parts = urlsplit(proxy)
+    if proxy_parts.scheme not in ("http", "https"):
         raise UsageError(
-            f"refusing plain http to {host} through the proxy {proxy_host}: the proxy would "
-            "read the key; use https, or add the host to NO_PROXY"
+            f"the proxy {proxy_parts.hostname} is {proxy_parts.scheme}://, which is not "
+            "supported: use an http:// or https:// proxy"
         )
-    return proxy if "://" in proxy else f"http://{proxy}"
+    if parts.scheme == "http":
+        raise UsageError(
+            f"refusing plain http to {host} through the proxy {proxy_parts.hostname}: the proxy "
+            "would read the key; use https, or add the host to NO_PROXY"
+        )
+    return proxy
 
 
 def tls_verification(ca_bundle: str | None) -> ssl.SSLContext | bool:
