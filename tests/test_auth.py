@@ -29,6 +29,10 @@ def test_key_file_problems_are_usage_errors(tmp_path):
         read_secret_key("K", {"K_FILE": str(tmp_path / "missing")})
     with pytest.raises(UsageError, match="cannot be read"):
         read_secret_key("K", {"K_FILE": str(tmp_path)})
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(UsageError, match="which is empty"):
+        read_secret_key("K", {"K_FILE": str(empty)})
     binary = tmp_path / "binary"
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(UsageError, match="cannot be read"):

@@ -33,8 +33,8 @@ class SecretKey:
 def read_secret_key(variable: str, environ: Mapping[str, str]) -> SecretKey:
     """The key from `variable`, else from the file `<variable>_FILE` names.
 
-    A file that is named but missing or unreadable is a `UsageError` (exit 2); no key at
-    all is an `AuthError` (exit 3), as a rejected one is.
+    A file that is named but missing, unreadable or empty is a `UsageError` (exit 2); no
+    key at all is an `AuthError` (exit 3), as a rejected one is.
     """
     value = environ.get(variable, "")
     if value:
@@ -52,6 +52,8 @@ def read_secret_key(variable: str, environ: Mapping[str, str]) -> SecretKey:
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or type(error).__name__
         raise UsageError(f"{file_variable} names {path}, which cannot be read: {reason}") from None
+    if not text.strip():
+        raise UsageError(f"{file_variable} names {path}, which is empty")
     return SecretKey(text.strip(), source)
 
 
