@@ -172,6 +172,8 @@ class EmulatorApp:
         stats = self.stats
         stats.requests += 1
         stats.by_kind[route.kind] += 1
+        branch = _header(scope, b"x-trigger-branch")
+        stats.by_branch[branch or ""] += 1
         if self.config.latency_ms:
             await asyncio.sleep(self.config.latency_ms / 1000)
         authorization = _header(scope, b"authorization")
@@ -195,8 +197,6 @@ class EmulatorApp:
             reply = Reply(error.status, error.body, error.content_type, extra)
             await self._finish(send, reply, decision)
             return
-        branch = _header(scope, b"x-trigger-branch")
-        stats.by_branch[branch or ""] += 1
         reply = self._authenticate(authorization, branch) or await self._dispatch(
             route, scope, receive
         )
