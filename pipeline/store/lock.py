@@ -119,6 +119,10 @@ class LeaseStore(Protocol):
         """Delete the object only if it is still at `version`."""
         ...
 
+    def close(self) -> None:
+        """Let go of connections."""
+        ...
+
 
 def _lease_body(holder: str, token: str, seconds: float) -> bytes:
     renewed = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -269,7 +273,11 @@ def lease_lock(
 ) -> Iterator[None]:
     """Hold the lease at `target` (S3 or GCS) for the duration of the block."""
     lease = Lease(store_for(target), holder, seconds)
-    lease.acquire()
+    try:
+        lease.acquire()
+    except BaseException:
+        lease.store.close()
+        raise
     heartbeat = _Heartbeat(lease)
     heartbeat.start()
     try:
@@ -278,6 +286,7 @@ def lease_lock(
         heartbeat.stop()
         if not lease.lost:
             lease.release()
+        lease.store.close()
     if lease.lost:
         raise StorageError(
             f"lost the lock {target.display} during the run, so another export may have run "
@@ -379,6 +388,9 @@ class S3LeaseStore:
 
     def delete(self, version: str) -> None:
         self._call("delete_object", IfMatch=version)
+
+    def close(self) -> None:
+        self._client.close()
 
 
 class S3Lease(Lease):
@@ -522,6 +534,9 @@ class GcsLeaseStore:
             raise Conflict("404")
         if response.status_code >= 300:
             raise StoreFailure(_gcs_error(response))
+
+    def close(self) -> None:
+        self._http.close()
 
 
 def _rfc3339(text: str) -> datetime:
