@@ -286,3 +286,16 @@ def test_plain_http_is_never_sent_through_a_proxy(emulator, forward_proxy, tmp_p
                     env_extra={"HTTP_PROXY": forward_proxy.url, "ALL_PROXY": forward_proxy.url})
     assert local.returncode == 0, local.stderr
     assert forward_proxy.seen() == b""
+
+
+def test_each_preview_branch_has_its_own_rate_limit_bucket(emulator):
+    emu = emulator(sessions=2, rate_limit=True, rate_limit_burst=2, rate_limit_refill=1,
+                   rate_limit_interval=600)
+    url = f"{emu.url}/api/v1/sessions"
+
+    def status(branch: str) -> int:
+        headers = {"Authorization": f"Bearer {PREVIEW_KEY}", "x-trigger-branch": branch}
+        return httpx.get(url, headers=headers).status_code
+
+    assert [status("a"), status("a"), status("a")] == [200, 200, 429]
+    assert [status("b"), status("b"), status("b")] == [200, 200, 429]

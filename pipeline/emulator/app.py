@@ -181,7 +181,9 @@ class EmulatorApp:
             reply = _problem(401, "Unauthorized", "No authorization header provided")
             await self._finish(send, reply, self.limiter.idle())
             return
-        decision = self.limiter.take(authorization)
+        # a preview branch is an environment of its own, with its own bucket
+        preview = branch and PREVIEW_PREFIX in authorization
+        decision = self.limiter.take(f"{authorization}\n{branch}" if preview else authorization)
         if not decision.allowed:
             stats.rate_limited += 1
             await self._finish(send, self._rate_limited(decision), decision)
