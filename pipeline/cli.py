@@ -1,7 +1,7 @@
 """The `sessions-export` command line: parse options, build the parts, map errors to exits.
 
-Every expected failure is an `ExportError` printed as one line; exit codes follow the
-contract (0 done, 2 usage, 3 key, 4 API, 5 storage, 75 locked, 1 bug).
+Every expected failure is an `ExportError` printed as one line; exit codes are
+`pipeline.errors.ExitCode`. Flags come from the options declared in `pipeline.config`.
 """
 
 from __future__ import annotations
@@ -16,21 +16,27 @@ from typing import Any
 
 import click
 
-from pipeline.config import DEFAULT_API_URL, OPTIONS, Settings, load_settings, parse_duration_ms
-from pipeline.errors import ExportError
+from pipeline.api.filters import FILTERS
+from pipeline.config import (
+    DEFAULT_SECRET_KEY_ENV,
+    OPTION_BY_NAME,
+    Option,
+    Settings,
+    load_settings,
+    parse_duration_ms,
+)
+from pipeline.errors import ExitCode, ExportError, exit_codes_line
 from pipeline.ops.logs import redact, register_secret, setup_logging
 from pipeline.store.state import StateStore
 from pipeline.store.storage import Storage
 
 log = logging.getLogger("pipeline")
 
-SECRET_ENV = "TRIGGER_SECRET_KEY"
-API_URL_ENV = "TRIGGER_API_URL"
-EXIT_VERIFY_FAILED = 6
-
 _COMMON = ("output", "state", "log_level", "log_format")
 _API = (
     "api_url",
+    "branch",
+    "ca_bundle",
     "connect_timeout",
     "read_timeout",
     "max_attempts",
@@ -41,17 +47,27 @@ _API = (
     "flush_bytes",
     "secret_key_env",
 )
-_FILTERS = {
-    "type": "only sessions of this type (one value)",
-    "task_identifier": "only sessions of this task (one value)",
-    "tags": "only sessions carrying this tag (one value)",
-    "external_id": "only the session with this externalId",
-    "status": "only ACTIVE, CLOSED or EXPIRED sessions (one value)",
-}
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def option_flag(option: Option) -> Callable[[Callable], Callable]:
+    """The click flag of one declared option; `None` when not given, so lower layers win."""
+    tail = f" [env: {', '.join(option.env)}]" if option.env else ""
+    if option.type is bool:
+        name = option.flag[2:]
+        return click.option(
+            f"--{name}/--no-{name}",
+            option.name,
+            default=None,
+            help=f"{option.help} [default: {option.shown_default()}]{tail}",
+        )
+    default = "" if option.default is None and option.shown is None else option.shown_default()
+    return click.option(
+        option.flag,
+        option.name,
+        type=option.type,  # choices are checked with the file's values: one line
+        default=None,
+        help=f"{option.help}{f' [default: {default}]' if default else ''}{tail}",
+    )
 
 
 def with_options(
@@ -66,7 +82,7 @@ def with_options(
             config: str | None, environment: str | None, all_environments: bool = False, **kwargs
         ) -> Any:
             flags = {n: kwargs.pop(n) for n in names}
-            filter_flags = {n: kwargs.pop(n) for n in _FILTERS} if filters else {}
+            filter_flags = {f.name: kwargs.pop(f.name) for f in FILTERS} if filters else {}
 
             def invoke(name: str | None) -> Any:
                 settings = load_settings(config, flags, filter_flags, name)
@@ -83,28 +99,12 @@ def with_options(
             sys.exit(run_each(environment_names(config), invoke))
 
         for name in reversed(names):
-            option = next(o for o in OPTIONS if o.name == name)
-            if option.type is bool:
-                flag = _flag(name)[2:]
-                wrapper = click.option(
-                    f"--{flag}/--no-{flag}",
-                    name,
-                    default=None,
-                    help=f"{option.help} [default: {'on' if option.default else 'off'}]",
-                )(wrapper)
-            else:
-                wrapper = click.option(
-                    _flag(name),
-                    name,
-                    type=option.type,
-                    default=None,
-                    help=f"{option.help} [default: {option.default}]"
-                    if option.default is not None
-                    else option.help,
-                )(wrapper)
+            wrapper = option_flag(OPTION_BY_NAME[name])(wrapper)
         if filters:
-            for name, text in reversed(_FILTERS.items()):
-                wrapper = click.option(_flag(name), name, default=None, help=text)(wrapper)
+            for filter_ in reversed(FILTERS):
+                wrapper = click.option(filter_.flag, filter_.name, default=None, help=filter_.help)(
+                    wrapper
+                )
         if each_environment:
             wrapper = click.option(
                 "--all-environments",
@@ -140,28 +140,36 @@ def state_store(settings: Settings) -> StateStore:
 
 
 def make_client(settings: Settings, concurrency: int = 1):  # noqa: ANN201
+    from pipeline.api.auth import read_secret_key
     from pipeline.api.client import ClientSettings, TriggerClient
 
-    key = os.environ.get(settings.secret_key_env, "")
-    register_secret(key)
-    if not key and settings.secret_key_env != SECRET_ENV:
+    key = read_secret_key(settings.secret_key_env, os.environ)
+    register_secret(key.value)
+    if not key.value and settings.secret_key_env != DEFAULT_SECRET_KEY_ENV:
         from pipeline.errors import AuthError
 
         where = f" (environment {settings.environment})" if settings.environment else ""
-        raise AuthError(f"{settings.secret_key_env} is not set: export the secret key{where}")
+        raise AuthError(f"{key.source} is not set: export the secret key{where}")
     client_settings = ClientSettings(
-        base_url=settings.api_url or os.environ.get(API_URL_ENV) or DEFAULT_API_URL,
+        base_url=settings.api_url,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
         max_attempts=settings.max_attempts,
         backoff_initial=settings.backoff_initial,
         backoff_max=settings.backoff_max,
-        allow_insecure_http=bool(settings.allow_insecure_http),
+        allow_insecure_http=settings.allow_insecure_http,
         # walkers plus single-session fetches: each needs its own pooled connection
         concurrency=concurrency
         + (settings.enrich_concurrency if settings.enrich_trigger_config else 0),
+        branch=settings.branch,
+        ca_bundle=settings.ca_bundle,
     )
-    return TriggerClient(client_settings, key, key_variable=settings.secret_key_env)
+    return TriggerClient(client_settings, key.value, key_variable=key.source)
+
+
+def _with_epilog(command: Callable) -> Callable:
+    command.__doc__ = f"{command.__doc__}\n\nExit codes: {exit_codes_line().replace('`', '')}."
+    return command
 
 
 class _Commands(click.Group):
@@ -183,13 +191,12 @@ class _Commands(click.Group):
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(package_name="trigger-sessions-export")
+@_with_epilog
 def cli() -> None:
     """Export Trigger.dev sessions into hive-partitioned Parquet.
 
-    The key is read from TRIGGER_SECRET_KEY (never a flag); the API from TRIGGER_API_URL
-    or --api-url. Exit codes: 0 done, 2 bad usage or config, 3 key rejected, 4 API still
-    failing after retries (the next run resumes), 5 storage failed, 6 verify found
-    problems, 75 another run holds the lock, 1 a bug.
+    The key is read from TRIGGER_SECRET_KEY or the file TRIGGER_SECRET_KEY_FILE names
+    (never a flag); the API from TRIGGER_API_URL or --api-url.
     """
 
 
@@ -233,7 +240,7 @@ def run(settings: Settings, full_refresh: bool, compact_after: bool) -> None:
         flush_bytes=settings.flush_bytes,
         full_refresh=full_refresh,
     )
-    from pipeline.ops.metrics import log_summary, record_failure, record_success
+    from pipeline.ops.metrics import log_summary, record_failure, record_success, summary_text
 
     try:
         state = state_store(settings)
@@ -247,14 +254,14 @@ def run(settings: Settings, full_refresh: bool, compact_after: bool) -> None:
                 ).execute()
         finally:
             display.close()
-        click.echo(summary.line())
-        log_summary(summary, settings.environment)
+        click.echo(summary_text(summary, settings.branch))
+        log_summary(summary, settings.environment, settings.branch)
         if compact_after and summary.files:
             _compact(settings, only=_touched_partitions(settings, summary.run_id))
     except BaseException as error:
-        record_failure(settings.metrics_file, settings.environment, error)
+        record_failure(settings.metrics_file, settings.environment, error, settings.branch)
         raise
-    record_success(settings.metrics_file, settings.environment, summary)
+    record_success(settings.metrics_file, settings.environment, summary, settings.branch)
 
 
 @cli.command()
@@ -317,10 +324,11 @@ def backfill(settings: Settings, restart: bool) -> None:
             summary = run_.execute()
     finally:
         progress.close()
-    click.echo(summary.line())
-    from pipeline.ops.metrics import log_summary
+    from pipeline.ops.metrics import log_summary, summary_text
 
-    log_summary(summary, settings.environment)
+    click.echo(summary_text(summary, settings.branch))
+
+    log_summary(summary, settings.environment, settings.branch)
 
 
 def _touched_partitions(settings: Settings, run_id: str) -> list[str]:
@@ -356,7 +364,7 @@ def verify(settings: Settings, strict: bool) -> None:
     for line in report.lines():
         click.echo(line)
     if not report.ok:
-        sys.exit(EXIT_VERIFY_FAILED)
+        sys.exit(ExitCode.VERIFY_FAILED)
 
 
 @cli.group()
@@ -412,16 +420,16 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="sessions-export", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except click.ClickException as error:
         error.show()
-        sys.exit(2 if isinstance(error, click.UsageError) else error.exit_code)
+        sys.exit(ExitCode.USAGE if isinstance(error, click.UsageError) else error.exit_code)
     except ExportError as error:
         click.echo(f"sessions-export: error: {redact(str(error))}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted; the next run resumes from the last checkpoint", err=True)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except Exception as error:  # noqa: BLE001 - the last line of defence
         log.debug("unexpected error", exc_info=True)
         click.echo(
@@ -430,5 +438,5 @@ def main(argv: list[str] | None = None) -> None:
             "for the traceback",
             err=True,
         )
-        sys.exit(1)
-    sys.exit(0)
+        sys.exit(ExitCode.BUG)
+    sys.exit(ExitCode.DONE)

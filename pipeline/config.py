@@ -1,134 +1,247 @@
-"""Settings: defaults, then the TOML config file, then command-line flags (flags win).
+"""Settings: defaults, then environment variables, then the TOML config file, then flags.
 
-Every option is declared once in `OPTIONS` with its type, default and help text; the CLI
-builds its flags' help from it and the README's configuration table is checked against it.
-Errors name the file, the line and the key.
+Every option is declared once, as a field of `Settings` made with `option(...)`: its name,
+type (the annotation), default, environment variables and help text. From that one place
+come the CLI's flags, the config file's keys (errors name the file, the line and the key),
+the README's option table (checked by a test) and the typed settings the jobs receive.
+
+A new option is one line in `Settings`:
+
+    dsn: str | None = option(None, "load postgres: a libpq connection string")
+
+`OPTIONS` lists them as `Option` records, for the CLI and the docs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import os
 import re
 import tomllib
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pipeline.api.filters import FILTER_BY_NAME, check_filter
 from pipeline.errors import UsageError
 
 DEFAULT_API_URL = "https://api.trigger.dev"
-FILTER_NAMES = ("type", "task_identifier", "tags", "external_id", "status")
-STATUSES = ("ACTIVE", "CLOSED", "EXPIRED")
+DEFAULT_SECRET_KEY_ENV = "TRIGGER_SECRET_KEY"
+# as the SDK reads them: the preview branch, then Vercel's; dev branches use the same header
+BRANCH_ENVS = ("TRIGGER_PREVIEW_BRANCH", "VERCEL_GIT_COMMIT_REF", "TRIGGER_DEV_BRANCH")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "text", "json")
 
 
-@dataclass(frozen=True)
-class Option:
-    name: str
-    type: type
-    default: Any
-    help: str
+def option(
+    default: Any,
+    help: str,  # noqa: A002 - the word every CLI library uses
+    *,
+    env: tuple[str, ...] = (),
+    choices: tuple[str, ...] = (),
+    shown: str | None = None,
+) -> Any:
+    """A `Settings` field that is a user-facing option.
 
-
-OPTIONS: tuple[Option, ...] = (
-    Option(
-        "api_url", str, None, "API base URL (else $TRIGGER_API_URL, else https://api.trigger.dev)"
-    ),
-    Option("output", str, "output/", "where the dataset goes: a directory, s3://… or gs://…"),
-    Option("state", str, None, "where the checkpoint and lock live (default <output>/_state/)"),
-    Option("flush_rows", int, 15_000, "rows buffered before a flush and its checkpoint"),
-    Option("flush_bytes", int, 64 * 1024 * 1024, "buffered Arrow bytes that also force a flush"),
-    Option(
-        "lookback",
-        str,
-        "15m",
-        "incremental runs re-read sessions created this long before the high-water mark",
-    ),
-    Option(
-        "rescan",
-        str,
-        "24h",
-        "each run re-reads sessions created this long before the high-water mark and writes "
-        "the versions that changed (0s turns it off)",
-    ),
-    Option(
-        "track_active",
-        bool,
-        True,
-        "keep the ids of ACTIVE sessions; each run lists ACTIVE sessions and reads the final "
-        "state of those that closed or expired since",
-    ),
-    Option(
-        "enrich_trigger_config",
-        bool,
-        True,
-        "fill triggerConfig with GET /api/v1/sessions/{id} when list rows omit it (once each)",
-    ),
-    Option("enrich_concurrency", int, 8, "single-session fetches in flight at once"),
-    Option("connect_timeout", float, 10.0, "seconds to establish a connection"),
-    Option("read_timeout", float, 60.0, "seconds to wait for a response"),
-    Option(
-        "max_attempts",
-        int,
-        6,
-        "attempts per request on faults (5xx, resets, timeouts); 429 waits do not count",
-    ),
-    Option(
-        "backoff_initial", float, 0.5, "first retry delay scale, seconds (exponential, full jitter)"
-    ),
-    Option("backoff_max", float, 30.0, "cap of one retry delay, seconds"),
-    Option("allow_insecure_http", bool, False, "allow plain http:// to a non-loopback API host"),
-    Option("concurrency", int, 8, "backfill: windows walked at once"),
-    Option("since", str, None, "backfill: oldest createdAt (ISO date/datetime, or 90d back)"),
-    Option(
-        "until",
-        str,
-        None,
-        "backfill: newest createdAt (ISO date/datetime, or 6h back; default now)",
-    ),
-    Option("log_level", str, "info", "debug, info, warning or error"),
-    Option(
-        "log_format", str, "auto", "text, json, or auto (text on a terminal, JSON lines otherwise)"
-    ),
-    Option(
-        "metrics_file",
-        str,
-        None,
-        "write each run's outcome here for Prometheus' textfile collector (e.g. …/export.prom)",
-    ),
-    Option(
-        "secret_key_env",
-        str,
-        "TRIGGER_SECRET_KEY",
-        "the environment variable that holds the secret key (its name, never the key)",
-    ),
-    Option("database", str, None, "load duckdb: the DuckDB database file to upsert into"),
-)
-OPTION_BY_NAME = {o.name: o for o in OPTIONS}
+    `env`: variables read, first set wins, when neither a flag nor the file gives a value.
+    `choices`: the allowed values of a string option. `shown`: the default as documented,
+    when it is computed elsewhere (`<output>/_state/`).
+    """
+    meta = {"help": help, "env": env, "choices": choices, "shown": shown}
+    return field(default=default, metadata={"option": meta})
 
 
 @dataclass(frozen=True)
 class Settings:
-    values: dict[str, Any]
+    """Every option, typed, as one run sees it; build with `load_settings` or `Settings.build`."""
+
+    api_url: str = option(
+        DEFAULT_API_URL, "API base URL; may carry a path prefix", env=("TRIGGER_API_URL",)
+    )
+    branch: str | None = option(
+        None,
+        "the preview or dev branch, sent as x-trigger-branch (needed with a tr_preview_ key)",
+        env=BRANCH_ENVS,
+    )
+    ca_bundle: str | None = option(
+        None,
+        "PEM file of the CAs to trust for the API (a self-hosted server's private CA)",
+        env=("SSL_CERT_FILE",),
+    )
+    output: str = option("output/", "where the dataset goes: a directory, s3://… or gs://…")
+    state: str | None = option(
+        None,
+        "where the checkpoint and lock live",
+        shown="<output>/_state/",
+    )
+    flush_rows: int = option(15_000, "rows buffered before a flush and its checkpoint")
+    flush_bytes: int = option(64 * 1024 * 1024, "buffered Arrow bytes that also force a flush")
+    lookback: str = option(
+        "15m", "incremental runs re-read sessions created this long before the high-water mark"
+    )
+    rescan: str = option(
+        "24h",
+        "each run re-reads sessions created this long before the high-water mark and writes "
+        "the versions that changed (0s turns it off)",
+    )
+    track_active: bool = option(
+        True,
+        "keep the ids of ACTIVE sessions; each run lists ACTIVE sessions and reads the final "
+        "state of those that closed or expired since",
+    )
+    enrich_trigger_config: bool = option(
+        True,
+        "fill triggerConfig with GET /api/v1/sessions/{id} when list rows omit it "
+        "(each new version)",
+    )
+    enrich_concurrency: int = option(8, "single-session fetches in flight at once")
+    connect_timeout: float = option(10.0, "seconds to establish a connection")
+    read_timeout: float = option(60.0, "seconds to wait for a response")
+    max_attempts: int = option(
+        6, "attempts per request on faults (5xx, resets, timeouts); 429 waits do not count"
+    )
+    backoff_initial: float = option(
+        0.5, "first retry delay scale, seconds (exponential, full jitter)"
+    )
+    backoff_max: float = option(30.0, "cap of one retry delay, seconds")
+    allow_insecure_http: bool = option(
+        False, "allow plain http:// to a non-loopback API host (never through a proxy)"
+    )
+    concurrency: int = option(8, "backfill: windows walked at once")
+    since: str | None = option(None, "backfill: oldest createdAt (ISO date/datetime, or 90d back)")
+    until: str | None = option(
+        None,
+        "backfill: newest createdAt (ISO date/datetime, or 6h back; default now)",
+        shown="now",
+    )
+    log_level: str = option("info", "debug, info, warning or error", choices=LOG_LEVELS)
+    log_format: str = option(
+        "auto",
+        "text, json, or auto (text on a terminal, JSON lines otherwise)",
+        choices=LOG_FORMATS,
+    )
+    metrics_file: str | None = option(
+        None,
+        "write each run's outcome here for Prometheus' textfile collector (e.g. …/export.prom)",
+    )
+    secret_key_env: str = option(
+        DEFAULT_SECRET_KEY_ENV,
+        "the environment variable that holds the secret key (its name, never the key); "
+        "<name>_FILE names a file holding it",
+    )
+    database: str | None = option(None, "load duckdb: the DuckDB database file to upsert into")
+
+    # not options: where the values came from
     filters: dict[str, str] = field(default_factory=dict)
     source: str | None = None  # the config file, if any
     environment: str | None = None  # the [environments.NAME] table applied, if any
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    @classmethod
+    def build(
+        cls,
+        config: str | None = None,
+        environment: str | None = None,
+        filters: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> Settings:
+        """Settings from keyword options (the Python API): the same rules as the flags.
+
+        `filters` or filter names as keywords (`status="CLOSED"`); unknown keywords are a
+        `UsageError` naming the closest option.
+        """
+        flags: dict[str, Any] = {}
+        filter_flags: dict[str, str | None] = dict(filters or {})
+        for key, value in options.items():
+            if key in FILTER_BY_NAME:
+                filter_flags[key] = value
+            elif key in OPTION_BY_NAME:
+                if value is not None:
+                    flags[key] = _coerce(OPTION_BY_NAME[key], value, f"option {key}")
+            else:
+                names = [*OPTION_BY_NAME, *FILTER_BY_NAME]
+                raise UsageError(f"unknown option {key!r}{_suggest(key, names)}")
+        for key in filter_flags:
+            if key not in FILTER_BY_NAME:
+                raise UsageError(f"unknown filter {key!r}{_suggest(key, FILTER_BY_NAME)}")
+        return load_settings(config, flags, filter_flags, environment)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option as the CLI and the docs see it; made from a `Settings` field."""
+
+    name: str
+    type: type  # str, int, float or bool
+    default: Any
+    help: str
+    env: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()
+    shown: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def shown_default(self) -> str:
+        """The default as the README's table writes it."""
+        if self.shown is not None:
+            return self.shown
+        if self.default is None:
+            return "—"
+        if isinstance(self.default, bool):
+            return "true" if self.default else "false"
+        return str(self.default)
+
+
+def _base_type(hint: Any) -> type:
+    """`int` for `int`, `str` for `str | None`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return inner
+    return hint
+
+
+def _options() -> tuple[Option, ...]:
+    hints = typing.get_type_hints(Settings)
+    found = []
+    for spec in dataclasses.fields(Settings):
+        meta = spec.metadata.get("option")
+        if meta is not None:
+            found.append(
+                Option(
+                    spec.name,
+                    _base_type(hints[spec.name]),
+                    spec.default,
+                    meta["help"],
+                    meta["env"],
+                    meta["choices"],
+                    meta["shown"],
+                )
+            )
+    return tuple(found)
+
+
+OPTIONS: tuple[Option, ...] = _options()
+OPTION_BY_NAME = {o.name: o for o in OPTIONS}
+FILTER_NAMES = tuple(FILTER_BY_NAME)
 
 
 def load_settings(
     config_file: str | None,
-    flags: dict[str, Any],
-    filter_flags: dict[str, str | None],
+    flags: Mapping[str, Any],
+    filter_flags: Mapping[str, str | None],
     environment: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Merge defaults < config file < its [environments.NAME] table < flags; validate all."""
+    """Merge defaults < environment variables < config file < its [environments.NAME]
+    table < flags; validate all."""
     values = {o.name: o.default for o in OPTIONS}
+    values.update(_from_environ(os.environ if environ is None else environ))
     filters: dict[str, str] = {}
     if config_file:
         file_values, file_filters = read_config_file(Path(config_file))
@@ -141,9 +254,34 @@ def load_settings(
     values.update({k: v for k, v in flags.items() if v is not None})
     for name, value in filter_flags.items():
         if value is not None:
-            filters[name] = check_filter(name, value, "--" + name.replace("_", "-"))
+            filters[name] = check_filter(name, value, FILTER_BY_NAME[name].flag)
     _check_values(values)
-    return Settings(values, filters, config_file, environment)
+    return Settings(**values, filters=filters, source=config_file, environment=environment)
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Options whose variables are set (first set one wins), as typed values."""
+    values: dict[str, Any] = {}
+    for option_ in OPTIONS:
+        for variable in option_.env:
+            text = environ.get(variable, "").strip()
+            if text:
+                values[option_.name] = _parse_text(option_, text, f"${variable}")
+                break
+    return values
+
+
+def _parse_text(option_: Option, text: str, where: str) -> Any:
+    """A variable's text as the option's type."""
+    try:
+        if option_.type is bool:
+            lowered = text.lower()
+            if lowered not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(text)
+            return lowered in ("1", "true", "yes", "on")
+        return option_.type(text)
+    except ValueError:
+        raise UsageError(f"{where} must be {option_.type.__name__}, got {text!r}") from None
 
 
 def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
@@ -248,23 +386,6 @@ def _suggest(name: str, choices: Any) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def check_filter(name: str, value: str, where: str) -> str:
-    """One value per filter: the API neither splits commas nor accepts repeated keys."""
-    if not value.strip():
-        raise UsageError(f"{where} is empty")
-    if "," in value:
-        raise UsageError(
-            f"{where} has a comma ({value!r}): the API takes one value per filter and would "
-            "treat it as one literal value; run once per value instead"
-        )
-    if name == "status":
-        upper = value.upper()
-        if upper not in STATUSES:
-            raise UsageError(f"{where} must be one of {', '.join(STATUSES)}, got {value!r}")
-        return upper
-    return value
-
-
 def _check_values(values: dict[str, Any]) -> None:
     positive = ("flush_rows", "flush_bytes", "max_attempts", "concurrency", "enrich_concurrency")
     for name in positive:
@@ -273,12 +394,12 @@ def _check_values(values: dict[str, Any]) -> None:
     for name in ("connect_timeout", "read_timeout", "backoff_initial", "backoff_max"):
         if values[name] <= 0:
             raise UsageError(f"{name} must be positive, got {values[name]}")
+    for option_ in OPTIONS:
+        value = values[option_.name]
+        if option_.choices and str(value).lower() not in option_.choices:
+            raise UsageError(f"{option_.name} must be {', '.join(option_.choices)}, got {value!r}")
     parse_duration_ms(values["lookback"], "lookback")
     parse_duration_ms(values["rescan"], "rescan")
-    if values["log_level"].lower() not in ("debug", "info", "warning", "error"):
-        raise UsageError(
-            f"log_level must be debug, info, warning or error, got {values['log_level']!r}"
-        )
     key_env = values["secret_key_env"]
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env) or key_env.startswith("tr_"):
         # the value is not echoed: it may be a key pasted by mistake
@@ -286,8 +407,9 @@ def _check_values(values: dict[str, Any]) -> None:
             "secret_key_env must name an environment variable (like TRIGGER_PROD_KEY) "
             "that holds the key, never the key itself"
         )
-    if values["log_format"] not in ("auto", "text", "json"):
-        raise UsageError(f"log_format must be auto, text or json, got {values['log_format']!r}")
+    branch = values["branch"]
+    if branch is not None and (not branch.strip() or not branch.isprintable()):
+        raise UsageError(f"branch must be a branch name, got {branch!r}")
 
 
 DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")

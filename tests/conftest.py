@@ -159,3 +159,30 @@ def api(url: str, method: str, path: str, body: dict | None = None) -> dict:
                              headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
     assert response.status_code in (200, 201), response.text
     return response.json()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(argv: list[str], ready, name: str, **popen: object) -> subprocess.Popen:  # noqa: ANN001
+    """Start a test's own server process and wait until `ready()` stops raising OSError or
+    httpx.HTTPError (30 s at most); killed and reported if it never does."""
+    import time
+
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               **popen)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            ready()
+            return process
+        except (OSError, httpx.HTTPError):
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError(f"{name} did not start") from None
+            time.sleep(0.1)

@@ -1,7 +1,20 @@
+import typing
+from pathlib import Path
+
 import pytest
 
-from pipeline.config import load_settings, parse_duration_ms, parse_time_ms
-from pipeline.errors import UsageError
+from pipeline.api.filters import FILTERS
+from pipeline.config import OPTIONS, Settings, load_settings, parse_duration_ms, parse_time_ms
+from pipeline.errors import (
+    DOCUMENTED,
+    ApiError,
+    AuthError,
+    ExitCode,
+    LockHeld,
+    StorageError,
+    UsageError,
+    exit_codes_line,
+)
 
 NOW = 1_800_000_000_000
 
@@ -70,3 +83,98 @@ def test_times_and_durations():
     assert parse_time_ms("1970-01-01T00:00:01.5Z", "since", NOW) == 1500
     with pytest.raises(UsageError, match="not a time"):
         parse_time_ms("last tuesday", "--since", NOW)
+
+
+# -- options declared once ------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def table_rows(markdown: str, header: str) -> list[list[str]]:
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("| `"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+    return rows
+
+
+def test_readme_option_table_matches_the_declarations():
+    rows = table_rows((ROOT / "README.md").read_text(), "| option | default | environment variable |")
+    assert [r[0] for r in rows] == [f"`{o.name}`" for o in OPTIONS]
+    for row, option in zip(rows, OPTIONS, strict=True):
+        default = option.shown_default()
+        assert row[1] == ("—" if default == "—" else f"`{default}`"), option.name
+        assert row[2] == (", ".join(f"`{e}`" for e in option.env) or "—"), option.name
+        assert row[3], option.name
+
+
+def test_readme_filter_table_matches_the_declarations():
+    rows = table_rows((ROOT / "README.md").read_text(), "| filter | flag | API parameter |")
+    assert [r[0] for r in rows] == [f"`{f.name}`" for f in FILTERS]
+    for row, filter_ in zip(rows, FILTERS, strict=True):
+        assert row[1] == f"`{filter_.flag}`"
+        assert row[2].startswith(f"`{filter_.param}`")
+
+
+def test_every_option_is_a_flag_with_its_type():
+    from pipeline.cli import cli
+
+    run = cli.commands["run"]
+    params = {p.name: p for p in run.params}
+    for option in OPTIONS:
+        if option.name in params:
+            param = params[option.name]
+            assert param.default is None, option.name  # unset flags never hide the file
+            if option.type is not bool and not option.choices:
+                assert param.type.name == {str: "text", int: "integer", float: "float"}[option.type]
+    assert {"branch", "ca_bundle", "api_url", "status", "type"} <= set(params)
+
+
+def test_settings_are_typed_fields_not_a_lookup():
+    hints = typing.get_type_hints(Settings)
+    assert hints["flush_rows"] is int and hints["branch"] == str | None
+    assert not hasattr(Settings, "__getattr__")
+    with pytest.raises(AttributeError):
+        Settings().nonsense  # noqa: B018
+
+
+def test_environment_variables_sit_under_the_file_and_flags(tmp_path):
+    environ = {"TRIGGER_PREVIEW_BRANCH": "from-preview", "VERCEL_GIT_COMMIT_REF": "from-vercel",
+               "TRIGGER_API_URL": "https://env.example"}
+    assert load_settings(None, {}, {}, environ=environ).branch == "from-preview"
+    assert load_settings(None, {}, {}, environ={"VERCEL_GIT_COMMIT_REF": "v"}).branch == "v"
+    assert load_settings(None, {}, {}, environ={"TRIGGER_DEV_BRANCH": "d"}).branch == "d"
+    assert load_settings(None, {}, {}, environ={}).branch is None
+    config = write(tmp_path, 'branch = "from-file"\napi_url = "https://file.example"\n')
+    settings = load_settings(config, {}, {}, environ=environ)
+    assert (settings.branch, settings.api_url) == ("from-file", "https://file.example")
+    assert load_settings(config, {"branch": "from-flag"}, {}, environ=environ).branch == "from-flag"
+    assert load_settings(None, {}, {}, environ={"SSL_CERT_FILE": "/ca.pem"}).ca_bundle == "/ca.pem"
+
+
+def test_build_from_keyword_options(tmp_path):
+    config = write(tmp_path, 'flush_rows = 10\n[environments.prod]\noutput = "prod-out"\n')
+    settings = Settings.build(config=config, environment="prod", read_timeout=5, status="closed")
+    assert (settings.flush_rows, settings.output, settings.read_timeout) == (10, "prod-out", 5.0)
+    assert isinstance(settings.read_timeout, float) and settings.filters == {"status": "CLOSED"}
+    with pytest.raises(UsageError, match=r"unknown option 'flush_rowz' \(did you mean 'flush_rows'\?\)"):
+        Settings.build(flush_rowz=1)
+    with pytest.raises(UsageError, match="option flush_rows must be int"):
+        Settings.build(flush_rows="many")
+    with pytest.raises(UsageError, match="must be at least 1"):
+        Settings.build(flush_rows=0)
+
+
+def test_exit_codes_are_the_contracts():
+    documented = " ".join(exit_codes_line().split())
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert documented in readme
+    contract = ROOT.parent / "shared" / "CONTRACT.md"
+    if contract.exists():
+        assert documented in " ".join(contract.read_text().split())
+    assert {int(c) for c in ExitCode} - {int(c) for c in DOCUMENTED} == {130}
+    assert (UsageError.exit_code, AuthError.exit_code, ApiError.exit_code, StorageError.exit_code,
+            LockHeld.exit_code) == (2, 3, 4, 5, 75)

@@ -13,7 +13,14 @@ import pytest
 from pipeline.config import environment_names, load_settings
 from pipeline.errors import UsageError
 from pipeline.ops.environments import worst_exit
-from pipeline.ops.metrics import RunOutcome, after_failure, after_success, parse, render
+from pipeline.ops.metrics import (
+    RunOutcome,
+    after_failure,
+    after_success,
+    parse,
+    render,
+    series_labels,
+)
 from tests.conftest import ROOT, run_cli
 
 SECRET = "tr_prod_" + "SecretForTest123456"  # split: not a real key
@@ -99,8 +106,8 @@ def test_metrics_file_after_success_failure_and_a_busy_lock(emulator, tmp_path):
 
 def test_metrics_keep_other_environments_and_round_trip():
     outcome = RunOutcome(sessions=5, files=2, requests=3, retries=1, rate_limited=4, seconds=1.5)
-    samples = after_success({}, "prod", outcome, 1_800_000_000.0)
-    samples = after_failure(samples, "dev", 4, 1_800_000_100.0)
+    samples = after_success({}, series_labels("prod"), outcome, 1_800_000_000.0)
+    samples = after_failure(samples, series_labels("dev"), 4, 1_800_000_100.0)
     text = render(samples)
     assert parse(text) == samples
     assert 'sessions_export_last_run_rate_limited{environment="prod"} 4' in text

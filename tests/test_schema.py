@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import OPTIONS
 from pipeline.dataset.schema import COLUMNS, SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,9 +43,3 @@ def test_documented_schema_matches_code(document):
 
 def test_schema_is_built_from_columns():
     assert SCHEMA.names == [c.name for c in COLUMNS]
-
-
-def test_every_option_is_documented_in_the_readme():
-    readme = (ROOT / "README.md").read_text()
-    for option in OPTIONS:
-        assert f"| `{option.name}` |" in readme, option.name

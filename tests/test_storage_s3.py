@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,16 @@ import pytest
 from pipeline.dataset.schema import SCHEMA
 from pipeline.errors import LockHeld, StorageError
 from pipeline.store.lock import LeaseTarget, S3Lease, lease_lock
-from tests.conftest import KEY, ROOT, api, assert_row_matches, emulator_sessions, latest_rows
+from tests.conftest import (
+    KEY,
+    ROOT,
+    api,
+    assert_row_matches,
+    emulator_sessions,
+    free_port,
+    latest_rows,
+    start_server,
+)
 
 DEDUPE = """
 SELECT * EXCLUDE (rn) FROM (
@@ -35,10 +43,7 @@ WHERE rn = 1
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+_free_port = free_port
 
 
 @dataclass(frozen=True)
@@ -76,21 +81,11 @@ def _aws_env(endpoint: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Server]:
     port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except httpx.HTTPError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.1)
+    process = start_server(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        lambda: httpx.get(f"{endpoint}/moto-api/", timeout=1), "moto server",
+    )
     saved = {k: os.environ.get(k) for k in _aws_env(endpoint)}
     os.environ.update(_aws_env(endpoint))  # for the in-process lease tests
     try:

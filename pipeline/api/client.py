@@ -5,14 +5,21 @@ It knows requests and responses, never Parquet or checkpoints. Every request goe
 `x-ratelimit-reset` instant (the API sends no Retry-After) and retries transient faults
 with capped, fully jittered exponential backoff. The secret key lives only in the
 `Authorization` header of the underlying httpx client.
+
+Transport: `HTTPS_PROXY` / `ALL_PROXY` / `NO_PROXY` are honoured for https (the proxy sees
+only a CONNECT tunnel); a loopback API is reached directly; plain http to another host
+through a proxy is refused, since the proxy would read the key. `ca_bundle` replaces the
+trusted CAs (a self-hosted server's private CA).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -27,6 +34,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from pipeline.api.auth import BRANCH_HEADER, check_branch, check_secret_key
 from pipeline.api.pacing import RateLimiter
 from pipeline.errors import ApiError, AuthError, QueryRejected, UsageError
 from pipeline.hosts import is_loopback
@@ -35,7 +43,6 @@ log = logging.getLogger(__name__)
 
 SESSIONS_PATH = "/api/v1/sessions"
 PAGE_SIZE = 100
-KEY_PREFIXES = ("tr_dev_", "tr_stg_", "tr_prod_")
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,8 @@ class ClientSettings:
     max_rate_limit_wait: float = 900.0  # total seconds one request may spend waiting on 429s
     allow_insecure_http: bool = False
     concurrency: int = 1
+    branch: str | None = None  # sent as x-trigger-branch (preview and dev branches)
+    ca_bundle: str | None = None  # PEM file of the CAs to trust instead of the default ones
 
 
 @dataclass(frozen=True)
@@ -95,14 +104,48 @@ def check_base_url(url: str, allow_insecure_http: bool) -> str:
     return url.rstrip("/")
 
 
-def check_secret_key(key: str | None, variable: str = "TRIGGER_SECRET_KEY") -> str:
-    if not key:
-        raise AuthError(f"{variable} is not set: export your environment's secret key")
-    if not key.startswith(KEY_PREFIXES):
-        raise AuthError(
-            f"{variable} does not look like a secret key (tr_dev_…, tr_stg_…, tr_prod_…)"
+def proxy_for(url: str) -> str | None:
+    """The proxy a request to `url` goes through, by the standard variables; None: direct.
+
+    A loopback host is always reached directly. Plain http to any other host through a
+    proxy is refused: the proxy would read the key in the Authorization header.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if is_loopback(host):
+        return None
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass_environment(host, proxies):
+        return None
+    proxy = proxy if "://" in proxy else f"http://{proxy}"
+    proxy_parts = urlsplit(proxy)
+    if proxy_parts.scheme not in ("http", "https"):
+        raise UsageError(
+            f"the proxy {proxy_parts.hostname} is {proxy_parts.scheme}://, which is not "
+            "supported: use an http:// or https:// proxy"
         )
-    return key
+    if parts.scheme == "http":
+        raise UsageError(
+            f"refusing plain http to {host} through the proxy {proxy_parts.hostname}: the proxy "
+            "would read the key; use https, or add the host to NO_PROXY"
+        )
+    return proxy
+
+
+def tls_verification(ca_bundle: str | None) -> ssl.SSLContext | bool:
+    """What httpx verifies the server with: the given CAs, else its default bundle."""
+    if not ca_bundle:
+        return True
+    try:
+        return ssl.create_default_context(cafile=ca_bundle)
+    except FileNotFoundError:
+        raise UsageError(f"ca_bundle {ca_bundle} does not exist") from None
+    except (ssl.SSLError, OSError) as error:
+        reason = getattr(error, "strerror", None) or getattr(error, "reason", None) or error
+        raise UsageError(
+            f"ca_bundle {ca_bundle} is not a readable PEM file of CA certificates ({reason})"
+        ) from None
 
 
 class TriggerClient:
@@ -119,18 +162,27 @@ class TriggerClient:
         self.settings = settings
         self.key_variable = key_variable  # named in errors; the key itself never is
         self.base_url = check_base_url(settings.base_url, settings.allow_insecure_http)
+        self.branch = settings.branch.strip() if settings.branch else None
+        key = check_secret_key(secret_key, key_variable)
+        check_branch(key, self.branch, key_variable)
+        headers = {
+            "Authorization": f"Bearer {key}",
+            "Accept": "application/json",
+            "User-Agent": "trigger-sessions-export/0.1",
+        }
+        if self.branch:
+            headers[BRANCH_HEADER] = self.branch
         self.limiter = limiter or RateLimiter()
         self.stats = stats or RequestStats()
         self._http = httpx.Client(
             base_url=self.base_url,
-            headers={
-                "Authorization": f"Bearer {check_secret_key(secret_key, key_variable)}",
-                "Accept": "application/json",
-                "User-Agent": "trigger-sessions-export/0.1",
-            },
+            headers=headers,
             timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
             limits=httpx.Limits(max_connections=max(4, settings.concurrency * 2)),
             follow_redirects=False,
+            verify=tls_verification(settings.ca_bundle),
+            proxy=proxy_for(self.base_url),
+            trust_env=False,  # proxies and CAs are decided above, never behind our back
         )
 
     def close(self) -> None:
@@ -198,6 +250,12 @@ class TriggerClient:
                 response = self._http.request(method, path, params=params)
             except httpx.TransportError as error:
                 self.limiter.release()
+                if _untrusted_certificate(error):
+                    raise UsageError(
+                        f"the TLS certificate of {urlsplit(self.base_url).hostname} is not "
+                        f"trusted ({_describe_transport(error)}); give its CA with ca_bundle "
+                        "(or SSL_CERT_FILE)"
+                    ) from None
                 raise TransientError(_describe_transport(error)) from None
             received_ms = time.time_ns() // 1_000_000
             self.limiter.observe(response.headers, received_ms)
@@ -280,6 +338,18 @@ def _error_detail(response: httpx.Response) -> str:
             where = ".".join(str(p) for p in item.get("path") or [])
             parts.append(f"{where}: {item.get('message')}" if where else str(item.get("message")))
     return "; ".join(parts) or str(body)[:200]
+
+
+def _untrusted_certificate(error: BaseException) -> bool:
+    """A failed certificate check is configuration, not a fault worth retrying."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        if "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _describe_transport(error: httpx.TransportError) -> str:

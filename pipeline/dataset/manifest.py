@@ -38,6 +38,7 @@ class RunManifest:
     partitions: list[str]
     high_water: str | None
     extra: dict[str, object]
+    branch: str | None = None  # the preview or dev branch exported, if any
 
     def path(self) -> str:
         return f"{RUNS_DIR}/{self.run_id}.json"

@@ -38,7 +38,9 @@ Headers = list[tuple[bytes, bytes]]
 
 JSON = b"application/json; charset=utf-8"
 PROBLEM_JSON = b"application/problem+json"
-DEFAULT_KEY = re.compile(r"tr_(dev|stg|prod)_[A-Za-z0-9_]+")
+DEFAULT_KEY = re.compile(r"tr_(dev|stg|prod|preview)_[A-Za-z0-9_]+")
+PREVIEW_PREFIX = "tr_preview_"
+BRANCH_REQUIRED = "x-trigger-branch header required for preview env"  # upstream's words
 
 
 class DroppedConnection(Exception):
@@ -153,6 +155,13 @@ class EmulatorApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        prefix = self.config.path_prefix.rstrip("/")
+        if prefix:  # a self-hosted server behind a path prefix
+            if scope["path"] != prefix and not scope["path"].startswith(prefix + "/"):
+                await _send(send, json_reply(404, {"error": "Not found"}))
+                return
+            raw = scope.get("raw_path") or scope["path"].encode()
+            scope = {**scope, "path": scope["path"][len(prefix) :], "raw_path": raw[len(prefix) :]}
         path: str = scope["path"]
         if path.startswith("/api/"):
             await self._api(scope, receive, send)
@@ -168,6 +177,8 @@ class EmulatorApp:
         stats = self.stats
         stats.requests += 1
         stats.by_kind[route.kind] += 1
+        branch = _header(scope, b"x-trigger-branch")
+        stats.by_branch[branch or ""] += 1
         if self.config.latency_ms:
             await asyncio.sleep(self.config.latency_ms / 1000)
         authorization = _header(scope, b"authorization")
@@ -177,7 +188,9 @@ class EmulatorApp:
             stats.by_status[reply.status] += 1
             await _send(send, reply)
             return
-        decision = self.limiter.take(authorization)
+        # a preview branch is an environment of its own, with its own bucket
+        preview = branch and PREVIEW_PREFIX in authorization
+        decision = self.limiter.take(f"{authorization}\n{branch}" if preview else authorization)
         if not decision.allowed:
             stats.rate_limited += 1
             await self._finish(send, self._rate_limited(decision), decision)
@@ -193,7 +206,9 @@ class EmulatorApp:
             reply = Reply(error.status, error.body, error.content_type, extra)
             await self._finish(send, reply, decision)
             return
-        reply = self._authenticate(authorization) or await self._dispatch(route, scope, receive)
+        reply = self._authenticate(authorization, branch) or await self._dispatch(
+            route, scope, receive
+        )
         if fault is Fault.TRUNCATE and 200 <= reply.status < 300:
             reply = Reply(reply.status, reply.body[: len(reply.body) // 2], reply.content_type)
         if fault is Fault.RESET:
@@ -222,7 +237,7 @@ class EmulatorApp:
             secondsUntilReset=seconds,
         )
 
-    def _authenticate(self, authorization: str) -> Reply | None:
+    def _authenticate(self, authorization: str, branch: str | None) -> Reply | None:
         key = _bearer_key(authorization)
         if not key:
             return json_reply(401, {"error": "Invalid or Missing API key"})
@@ -231,6 +246,8 @@ class EmulatorApp:
         accepted = key in self._allowed_keys if self._allowed_keys else DEFAULT_KEY.fullmatch(key)
         if not accepted:
             return json_reply(401, {"error": "Invalid API key"})
+        if key.startswith(PREVIEW_PREFIX) and not (branch and branch.strip()):
+            return json_reply(401, {"error": BRANCH_REQUIRED})
         return None
 
     async def _dispatch(self, route: _Route, scope: Scope, receive: Receive) -> Reply:

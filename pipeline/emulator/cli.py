@@ -57,7 +57,8 @@ def _probability(_ctx: click.Context, _param: click.Parameter, value: float) -> 
     "--api-key",
     "api_keys",
     multiple=True,
-    help="Accept only these keys (repeatable). Default: any tr_dev_/tr_stg_/tr_prod_ key.",
+    help="Accept only these keys (repeatable). Default: any tr_dev_/tr_stg_/tr_prod_/"
+    "tr_preview_ key (a preview key also needs the x-trigger-branch header).",
 )
 @click.option(
     "--forbidden-key",
@@ -156,6 +157,18 @@ def _probability(_ctx: click.Context, _param: click.Parameter, value: float) -> 
     type=click.IntRange(min=0),
     help="Generate this many sessions sharing one millisecond, mid-range.",
 )
+@click.option(
+    "--path-prefix",
+    default="",
+    help="Serve the API under this path (/trigger/api/v1/sessions), like a self-hosted "
+    "server behind a reverse proxy.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM certificate chain: serve https (with --tls-key).",
+)
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="Its private key.")
 def emulator_command(
     no_rate_limit: bool,
     api_keys: tuple[str, ...],

@@ -18,7 +18,7 @@ class EmulatorConfig:
     host: str = "127.0.0.1"
     port: int = 8787  # 0 picks a free port
     allow_remote: bool = False
-    api_keys: tuple[str, ...] = ()  # empty: any well-formed tr_dev_/tr_stg_/tr_prod_ key
+    api_keys: tuple[str, ...] = ()  # empty: any well-formed tr_dev_/stg_/prod_/preview_ key
     forbidden_keys: tuple[str, ...] = ()  # answered with 403
     list_trigger_config: Literal["omit", "include"] = "omit"
     rate_limit: bool = True
@@ -36,6 +36,9 @@ class EmulatorConfig:
     id_skew_ms: int = 0  # ids' time part off createdAt by up to this many ms (either way)
     replication_delay: float = 0.0  # seconds before the list (a replica) sees a change
     same_ms_burst: int = 0  # generated sessions sharing one millisecond, mid-range
+    path_prefix: str = ""  # serve under this path, as a self-hosted server behind a proxy may
+    tls_cert: str | None = None  # PEM certificate (chain): serve https instead of http
+    tls_key: str | None = None  # its PEM private key
 
     def __post_init__(self) -> None:
         problems = []
@@ -60,6 +63,10 @@ class EmulatorConfig:
             problems.append("stall seconds and latency must be >= 0")
         if self.id_skew_ms < 0 or self.replication_delay < 0 or self.same_ms_burst < 0:
             problems.append("id skew, replication delay and burst must be >= 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("tls cert and tls key go together")
+        if self.path_prefix and not self.path_prefix.startswith("/"):
+            problems.append("path prefix must start with /")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -64,14 +64,18 @@ def _bind(config: EmulatorConfig) -> socket.socket:
     return sock
 
 
-def _url(sock: socket.socket) -> str:
+def _url(sock: socket.socket, config: EmulatorConfig) -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if config.tls_cert else "http"
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{scheme}://{netloc}{config.path_prefix.rstrip('/')}"
 
 
 def _uvicorn_server(app: EmulatorApp) -> uvicorn.Server:
     config = uvicorn.Config(
         app,
+        ssl_certfile=app.config.tls_cert,
+        ssl_keyfile=app.config.tls_key,
         http="httptools",
         ws="none",
         lifespan="off",
@@ -93,7 +97,7 @@ def serve(config: EmulatorConfig, announce: Callable[[str], None] = print) -> No
     app = build_app(config)
     sock = _bind(config)
     server = _uvicorn_server(app)
-    announce(f"emulator listening on {_url(sock)} ({len(app.store)} sessions)")
+    announce(f"emulator listening on {_url(sock, config)} ({len(app.store)} sessions)")
     server.run(sockets=[sock])
 
 
@@ -160,4 +164,4 @@ def start_in_thread(
             sock.close()
             raise RuntimeError("the emulator did not start")
         time.sleep(0.005)
-    return RunningEmulator(_url(sock), app, server, thread)
+    return RunningEmulator(_url(sock, config), app, server, thread)

@@ -18,6 +18,7 @@ class EmulatorStats:
         self.by_status: Counter[int] = Counter()
         self.rate_limited = 0
         self.faults: Counter[str] = Counter()
+        self.by_branch: Counter[str] = Counter()  # x-trigger-branch of /api/ requests; "" none
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -26,4 +27,5 @@ class EmulatorStats:
             "by_status": {str(status): count for status, count in sorted(self.by_status.items())},
             "rate_limited": self.rate_limited,
             "faults": dict(self.faults),
+            "by_branch": dict(self.by_branch),
         }

@@ -422,6 +422,7 @@ class BackfillRun:
         fetches = self.filler.single_fetches if self.filler else 0
         return finish_report(
             self.output,
+            branch=self.client.branch,
             run_id=state.run_id,
             mode=self.mode,
             window=Window(state.since_ms, state.until_ms),

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.api.client import RequestStats, TriggerClient
+from pipeline.api.filters import FILTER_PARAMS
 from pipeline.api.walker import Listing, WalkedPage, WalkState, prefetched, walk_listing
 from pipeline.dataset.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
 from pipeline.dataset.layout import known_versions, partition_of
@@ -37,16 +38,6 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], int]  # epoch milliseconds
 Session = dict[str, Any]
-
-# Filters as the API names them; one value each (the server does not split commas).
-FILTER_PARAMS = {
-    "type": "filter[type]",
-    "task_identifier": "filter[taskIdentifier]",
-    "tags": "filter[tags]",
-    "external_id": "filter[externalId]",
-    "status": "filter[status]",
-}
-
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -301,6 +292,7 @@ def finish_report(
     high_water_ms: int | None,
     extra: dict[str, object],
     seconds: float,
+    branch: str | None = None,
 ) -> RunSummary:
     """Write the run's manifest (`_runs/<run>.json`) and return its summary."""
     partitions = sorted({partition_of(path) for path in files})
@@ -322,6 +314,7 @@ def finish_report(
         files=files,
         partitions=partitions,
         high_water=iso_ms(high_water_ms),
+        branch=branch,
         extra={"unchanged_skipped": totals.unchanged, **extra},
     ).write(output)
     return RunSummary(

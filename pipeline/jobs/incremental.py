@@ -316,6 +316,7 @@ class IncrementalRun:
         departed = capture.costs["departed"].single_fetches if capture else 0
         summary = finish_report(
             self.output,
+            branch=self.client.branch,
             run_id=progress.run_id,
             mode=progress.mode,
             window=progress.window,

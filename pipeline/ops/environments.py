@@ -12,14 +12,23 @@ from collections.abc import Callable, Iterable
 
 import click
 
-from pipeline.errors import ExportError
+from pipeline.errors import ExitCode, ExportError
 from pipeline.ops.logs import redact
 
 log = logging.getLogger(__name__)
 
 # least to most in need of a person: done, lock busy (next cron run retries), API down
 # (resumes), storage, key rejected, bad config, a bug
-SEVERITY = (0, 75, 4, 5, 3, 2, 6, 1)
+SEVERITY = (
+    ExitCode.DONE,
+    ExitCode.LOCK_HELD,
+    ExitCode.API_FAILING,
+    ExitCode.STORAGE,
+    ExitCode.KEY_REJECTED,
+    ExitCode.USAGE,
+    ExitCode.VERIFY_FAILED,
+    ExitCode.BUG,
+)
 
 
 def worst_exit(codes: Iterable[int]) -> int:

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.dataset.manifest import iso_ms
-from pipeline.errors import ExportError
+from pipeline.errors import ExitCode, ExportError
 from pipeline.store.storage import Storage
 
 log = logging.getLogger("pipeline.summary")
 
 PREFIX = "sessions_export_"
-LOCK_HELD_EXIT = 75
+LOCK_HELD_EXIT = ExitCode.LOCK_HELD
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("lock_held_total", "counter", "runs skipped because another held the lock (exit 75)"),
 )
 _KNOWN = {m.name for m in METRICS}
-_SAMPLE = re.compile(rf'^{PREFIX}(\w+)\{{environment="((?:[^"\\]|\\.)*)"\}} (\S+)$')
+_SAMPLE = re.compile(rf"^{PREFIX}(\w+)\{{(environment=.*)\}} (\S+)$")
 
-Samples = dict[tuple[str, str], float]  # (metric, environment) -> value
+Samples = dict[tuple[str, str], float]  # (metric, its labels as written) -> value
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,9 @@ def render(samples: Samples) -> str:
             continue
         lines.append(f"# HELP {PREFIX}{metric.name} {metric.help}")
         lines.append(f"# TYPE {PREFIX}{metric.name} {metric.kind}")
-        for environment, value in series:
+        for labels, value in series:
             number = repr(value) if value % 1 else str(int(value))
-            lines.append(f'{PREFIX}{metric.name}{{environment="{environment}"}} {number}')
+            lines.append(f"{PREFIX}{metric.name}{{{labels}}} {number}")
     return "\n".join(lines) + "\n"
 
 
@@ -135,11 +135,11 @@ def _add(samples: Samples, name: str, environment: str, amount: float) -> None:
 class MetricsFile:
     """Reads, updates and atomically rewrites one textfile-collector file."""
 
-    def __init__(self, path: str, environment: str | None) -> None:
+    def __init__(self, path: str, environment: str | None, branch: str | None = None) -> None:
         target = Path(path).expanduser()
         self.name = target.name
         self.storage = Storage(str(target.parent.absolute()))
-        self.environment = _label(environment or "default")
+        self.environment = series_labels(environment, branch)
 
     def _update(self, change) -> None:  # noqa: ANN001 - a Samples -> Samples function
         data = self.storage.read_bytes(self.name)
@@ -157,10 +157,18 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+def series_labels(environment: str | None, branch: str | None = None) -> str:
+    """`environment="prod"`, and `,branch="feature-x"` for a preview or dev branch."""
+    labels = f'environment="{_label(environment or "default")}"'
+    return f'{labels},branch="{_label(branch)}"' if branch else labels
+
+
 # -- what the CLI calls ------------------------------------------------------------------
 
 
-def summary_fields(summary: Any, environment: str | None) -> dict[str, Any]:
+def summary_fields(
+    summary: Any, environment: str | None, branch: str | None = None
+) -> dict[str, Any]:
     """A run summary (dataclass) as flat JSON-able fields, the window as ISO times."""
     fields = dataclasses.asdict(summary)
     window = fields.pop("window", None) or {}
@@ -168,12 +176,20 @@ def summary_fields(summary: Any, environment: str | None) -> dict[str, Any]:
     fields["window_to"] = iso_ms(window.get("to_ms"))
     fields["sessions"] = fields.pop("rows", None)
     fields["seconds"] = round(float(fields.get("seconds") or 0), 3)
-    return {"event": "run_summary", "environment": environment, **fields}
+    return {"event": "run_summary", "environment": environment, "branch": branch, **fields}
 
 
-def log_summary(summary: Any, environment: str | None) -> None:
+def summary_text(summary: Any, branch: str | None = None) -> str:
+    """A job's one-line summary, naming the branch when there is one."""
+    return f"{summary.line()}; branch {branch}" if branch else summary.line()
+
+
+def log_summary(summary: Any, environment: str | None, branch: str | None = None) -> None:
     """The run's last log line: readable text on a terminal, every field in JSON."""
-    log.info(summary.line(), extra={"fields": summary_fields(summary, environment)})
+    log.info(
+        summary_text(summary, branch),
+        extra={"fields": summary_fields(summary, environment, branch)},
+    )
 
 
 def exit_code_of(error: BaseException) -> int:
@@ -186,7 +202,9 @@ def exit_code_of(error: BaseException) -> int:
     return 1
 
 
-def record_success(path: str | None, environment: str | None, summary: Any) -> None:
+def record_success(
+    path: str | None, environment: str | None, summary: Any, branch: str | None = None
+) -> None:
     if path:
         outcome = RunOutcome(
             sessions=summary.rows,
@@ -196,13 +214,15 @@ def record_success(path: str | None, environment: str | None, summary: Any) -> N
             rate_limited=summary.rate_limited,
             seconds=summary.seconds,
         )
-        MetricsFile(path, environment).success(outcome, time.time())
+        MetricsFile(path, environment, branch).success(outcome, time.time())
 
 
-def record_failure(path: str | None, environment: str | None, error: BaseException) -> None:
+def record_failure(
+    path: str | None, environment: str | None, error: BaseException, branch: str | None = None
+) -> None:
     """Best effort: the run's own error is what the user must see."""
     if path:
         try:
-            MetricsFile(path, environment).failure(exit_code_of(error), time.time())
+            MetricsFile(path, environment, branch).failure(exit_code_of(error), time.time())
         except ExportError as metrics_error:
             log.warning("could not update the metrics file: %s", metrics_error)

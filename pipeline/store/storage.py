@@ -8,7 +8,9 @@ so nothing is renamed there.
 
 S3 takes its credentials and region from the standard AWS variables and files
 (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, `AWS_REGION`), which pyarrow
-reads itself, and an S3-compatible store's endpoint from `AWS_ENDPOINT_URL`.
+reads itself, and an S3-compatible store's endpoint from `AWS_ENDPOINT_URL`. GCS takes
+Google's default credentials, and an emulator's address from `STORAGE_EMULATOR_HOST` (then
+without credentials), as Google's own clients do.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
@@ -33,6 +36,7 @@ from pipeline.hosts import is_loopback
 log = logging.getLogger(__name__)
 
 ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,15 @@ _S3_ERRORS = (
 _REQUEST_ID = re.compile(r"\s*\(Request ID: [^)]*\)")
 
 
-def _describe(error: BaseException) -> str:
+def _describe(error: BaseException, uri: str = "") -> str:
     """One line a user can act on: the OS reason, or what an object store's error means."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     text = str(error) or type(error).__name__
     for marker, meaning in _S3_ERRORS:
         if marker in text:
+            if uri.startswith("gs://"):
+                return meaning.replace("AWS_ENDPOINT_URL", "the network (or STORAGE_EMULATOR_HOST)")
             return meaning
     if "AWS Error" in text:
         text = text.split("AWS Error", 1)[1].strip()
@@ -80,6 +86,27 @@ def _with_endpoint(uri: str) -> str:
         return uri
     query = "&".join(q for q in (parts.query, urlencode({"endpoint_override": endpoint})) if q)
     return parts._replace(query=query).geturl()
+
+
+def gcs_emulator() -> str | None:
+    """The GCS emulator `STORAGE_EMULATOR_HOST` names (`http://127.0.0.1:4443`), if any."""
+    return os.environ.get(GCS_EMULATOR_ENV) or None
+
+
+def _gcs_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A GCS emulator's filesystem when one is named; otherwise pyarrow's own from the URI."""
+    emulator = gcs_emulator()
+    if not emulator:
+        return pafs.FileSystem.from_uri(uri)
+    parts = urlsplit(emulator if "://" in emulator else f"http://{emulator}")
+    filesystem = pafs.GcsFileSystem(
+        anonymous=True,
+        scheme=parts.scheme,
+        endpoint_override=parts.netloc,
+        retry_time_limit=timedelta(seconds=15),
+    )
+    target = urlsplit(uri)
+    return filesystem, f"{target.netloc}{target.path}"
 
 
 _warned: set[str] = set()
@@ -111,11 +138,14 @@ class Storage:
             self._base = str(self._root)
         else:
             try:
-                self.fs, self._base = pafs.FileSystem.from_uri(_with_endpoint(uri))
+                if uri.startswith("gs://"):
+                    self.fs, self._base = _gcs_filesystem(uri)
+                else:
+                    self.fs, self._base = pafs.FileSystem.from_uri(_with_endpoint(uri))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as error:
                 raise UsageError(f"cannot open storage {uri!r}: {error}") from None
             except OSError as error:  # e.g. the bucket's region could not be looked up
-                raise StorageError(f"cannot open storage {uri}: {_describe(error)}") from None
+                raise StorageError(f"cannot open storage {uri}: {_describe(error, uri)}") from None
             self._base = self._base.rstrip("/")
             if self.is_s3:
                 _warn_if_plain_http(storage_endpoint())
@@ -123,6 +153,10 @@ class Storage:
     @property
     def is_s3(self) -> bool:
         return isinstance(self.fs, pafs.S3FileSystem)
+
+    @property
+    def is_gcs(self) -> bool:
+        return isinstance(self.fs, pafs.GcsFileSystem)
 
     def child(self, relative: str) -> Storage:
         """A storage rooted at a sub-path (`<output>/_state`)."""
@@ -147,7 +181,9 @@ class Storage:
                 with self.fs.open_output_stream(self.full_path(path)) as stream:
                     stream.write(data)
         except (OSError, pa.ArrowException) as error:
-            raise StorageError(f"cannot write {self.display(path)}: {_describe(error)}") from None
+            raise StorageError(
+                f"cannot write {self.display(path)}: {_describe(error, self.uri)}"
+            ) from None
 
     def _write_local(self, path: str, data: bytes) -> None:
         target = self._root / path
@@ -173,7 +209,9 @@ class Storage:
         except FileNotFoundError:
             return
         except (OSError, pa.ArrowException) as error:
-            raise StorageError(f"cannot delete {self.display(path)}: {_describe(error)}") from None
+            raise StorageError(
+                f"cannot delete {self.display(path)}: {_describe(error, self.uri)}"
+            ) from None
 
     # -- reading -------------------------------------------------------------------------
 
@@ -189,14 +227,18 @@ class Storage:
         except (OSError, pa.ArrowException) as error:
             if not self.is_local and "does not exist" in str(error).lower():
                 return None
-            raise StorageError(f"cannot read {self.display(path)}: {_describe(error)}") from None
+            raise StorageError(
+                f"cannot read {self.display(path)}: {_describe(error, self.uri)}"
+            ) from None
 
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
         """One Parquet file as a table; a missing or unreadable file is a `StorageError`."""
         try:
             return pq.read_table(self.full_path(path), filesystem=self.fs, columns=columns)
         except (OSError, pa.ArrowException) as error:
-            raise StorageError(f"cannot read {self.display(path)}: {_describe(error)}") from None
+            raise StorageError(
+                f"cannot read {self.display(path)}: {_describe(error, self.uri)}"
+            ) from None
 
     def parquet_rows(self, path: str) -> int:
         """Rows in one Parquet file, from its footer; unreadable is a `StorageError`."""
@@ -213,7 +255,9 @@ class Storage:
             if not infos and not self.is_local:
                 self._check_bucket()
         except (OSError, pa.ArrowException) as error:
-            raise StorageError(f"cannot list {self.display(prefix)}: {_describe(error)}") from None
+            raise StorageError(
+                f"cannot list {self.display(prefix)}: {_describe(error, self.uri)}"
+            ) from None
         cut = len(self._base) + 1
         files = [
             StoredFile(info.path[cut:], info.size or 0)
@@ -234,26 +278,30 @@ class Storage:
     def exclusive_lock(self, path: str, holder: str) -> Iterator[None]:
         """Hold `path` as a lock for the duration; raises LockHeld when another run has it.
 
-        Local disk: an `flock`. S3: a lease object written with conditional requests and
-        renewed while held (see `pipeline.store.lock`).
+        Local disk: an `flock`. S3 and GCS: a lease object written with conditional
+        requests and renewed while held (see `pipeline.store.lock`).
         """
         from pipeline.store import lock
 
+        bucket, _, key = self.full_path(path).partition("/")
+        target: lock.LeaseTarget | lock.GcsLeaseTarget
         if self.is_local:
             with lock.local_lock(self._root / path, holder):
                 yield
-        elif self.is_s3:
-            bucket, _, key = self.full_path(path).partition("/")
+            return
+        if self.is_s3:
             target = lock.LeaseTarget(
                 bucket, key, self.fs.region, storage_endpoint(), self.display(path)
             )
-            with lock.lease_lock(target, holder):
-                yield
+        elif self.is_gcs:
+            target = lock.GcsLeaseTarget(bucket, key, gcs_emulator(), self.display(path))
         else:
             raise UsageError(
-                f"the run lock cannot live on {self.uri} (only local disk and s3:// have one); "
-                "put --state on local disk or s3://"
+                f"the run lock cannot live on {self.uri} (only local disk, s3:// and gs:// "
+                "have one); put --state on one of those"
             )
+        with lock.lease_lock(target, holder):
+            yield
 
 
 def _fsync_dir(directory: Path) -> None:
