@@ -337,8 +337,11 @@ def compact(settings: Settings) -> None:
 
 def _compact(settings: Settings, only: list[str] | None) -> None:
     from pipeline.dataset.compact import compact as run_compact
+    from pipeline.dataset.sink import use_lean_memory_pool
     from pipeline.jobs.incremental import new_run_id, wall_clock_ms
     from pipeline.store.lock import lock_holder
+
+    use_lean_memory_pool()
 
     with state_store(settings).lock(lock_holder()):
         summary = run_compact(output_storage(settings), new_run_id(wall_clock_ms()), only)

@@ -1,18 +1,36 @@
-"""Reading the dataset back: which files are where, and the latest version of each session."""
+"""The dataset's layout, in one place: partition key, paths, file names, listing and reads.
+
+```
+sessions/created_date=YYYY-MM-DD/part-<run>-<seq>.parquet     written by a run's flush
+sessions/created_date=YYYY-MM-DD/part-c<compact>-<seq>.parquet written by `compact`
+```
+
+A path part starting with `.` or `_` is hidden (Spark, Hive, DuckDB skip it). Readers go
+through here: one file, its row groups in batches (bounded memory), or a partition-pruned
+`pyarrow.dataset` of the visible files.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
-from pipeline.dataset.sink import DATASET_DIR
+from pipeline.dataset.schema import PARTITION_KEY, SCHEMA
 from pipeline.store.storage import Storage, StoredFile
 
+DATASET_DIR = "sessions"
+COMPACT_PREFIX = "part-c"
+MS_PER_DAY = 86_400_000
+
 _PARTITION_FILE = re.compile(
-    rf"^{DATASET_DIR}/created_date=(\d{{4}}-\d{{2}}-\d{{2}})/([^/]+\.parquet)$"
+    rf"^{DATASET_DIR}/{PARTITION_KEY}=(\d{{4}}-\d{{2}}-\d{{2}})/([^/]+\.parquet)$"
 )
 
 
@@ -21,6 +39,32 @@ class DataFile:
     path: str
     partition: str
     size: int
+
+
+def partition_dir(day: str) -> str:
+    return f"{DATASET_DIR}/{PARTITION_KEY}={day}"
+
+
+def data_file_path(day: str, run_id: str, seq: int) -> str:
+    """Named by run and flush only: a resumed run redoing a flush overwrites, not duplicates."""
+    return f"{partition_dir(day)}/part-{run_id}-{seq:05d}.parquet"
+
+
+def compacted_file_path(day: str, compact_id: str, seq: int) -> str:
+    return f"{partition_dir(day)}/{COMPACT_PREFIX}{compact_id}-{seq:05d}.parquet"
+
+
+def is_compacted(path: str) -> bool:
+    return path.rsplit("/", 1)[-1].startswith(COMPACT_PREFIX)
+
+
+def written_by(path: str, run_id: str) -> bool:
+    return f"-{run_id}-" in path.rsplit("/", 1)[-1]
+
+
+def day_of(epoch_ms: int) -> str:
+    """The partition (UTC date) a createdAt in epoch milliseconds falls in."""
+    return datetime.fromtimestamp(epoch_ms // 1000, tz=UTC).date().isoformat()
 
 
 def is_hidden(path: str) -> bool:
@@ -54,6 +98,34 @@ def read_file(storage: Storage, path: str, columns: list[str] | None = None) -> 
     return storage.read_table(path, columns)
 
 
+def file_rows(storage: Storage, path: str) -> int:
+    """Rows in one file, from its footer only."""
+    return pq.read_metadata(storage.full_path(path), filesystem=storage.fs).num_rows
+
+
+def iter_batches(
+    storage: Storage, path: str, columns: list[str] | None = None, rows: int = 65_536
+) -> Iterator[pa.RecordBatch]:
+    """One file in record batches of at most `rows`: memory stays flat with file size."""
+    with storage.fs.open_input_file(storage.full_path(path)) as handle:
+        parquet = pq.ParquetFile(handle)
+        yield from parquet.iter_batches(batch_size=rows, columns=columns)
+
+
+def partitions_dataset(storage: Storage, files: Iterable[DataFile]) -> ds.Dataset:
+    """The given files as one dataset with `created_date` (a date) from their paths, so a
+    filter on it reads only the matching files."""
+    partitioning = ds.partitioning(pa.schema([(PARTITION_KEY, pa.date32())]), flavor="hive")
+    return ds.dataset(
+        [storage.full_path(f.path) for f in files],
+        schema=SCHEMA.append(pa.field(PARTITION_KEY, pa.date32())),
+        format="parquet",
+        filesystem=storage.fs,
+        partitioning=partitioning,
+        partition_base_dir=storage.full_path(DATASET_DIR),
+    )
+
+
 def latest_versions(table: pa.Table) -> pa.Table:
     """One row per id: greatest `updated_at` (null counts as oldest), then `extracted_at`."""
     if table.num_rows == 0:
@@ -77,28 +149,3 @@ def version_keys(table: pa.Table) -> pa.ChunkedArray:
     """`id|updated_at-ms` for each row: what identifies one version of a session."""
     updated = pc.cast(table["updated_at"].cast(pa.int64()), pa.string())
     return pc.binary_join_element_wise(table["id"], pc.fill_null(updated, "null"), "|")
-
-
-def known_versions(
-    storage: Storage, from_ms: int | None, to_ms: int | None, skip_run: str
-) -> pa.Array:
-    """Version keys already stored in the partitions a window touches.
-
-    Files of `skip_run` are left out: a resumed run rewrites those under the same names,
-    so their rows must be written again, not skipped.
-    """
-    first = _day_of(from_ms) if from_ms is not None else "0000-00-00"
-    last = _day_of(to_ms) if to_ms is not None else "9999-99-99"
-    keys = []
-    for data_file in classify_files(storage)[0]:
-        if not first <= data_file.partition <= last or f"-{skip_run}-" in data_file.path:
-            continue
-        table = read_file(storage, data_file.path, columns=["id", "created_at", "updated_at"])
-        keys.extend(version_keys(table).chunks)
-    if not keys:
-        return pa.array([], pa.string())
-    return pc.unique(pa.chunked_array(keys, pa.string()).combine_chunks())
-
-
-def _day_of(epoch_ms: int) -> str:
-    return pa.scalar(epoch_ms, pa.timestamp("ms")).as_py().date().isoformat()

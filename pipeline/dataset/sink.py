@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dataset.schema import PARTITION_KEY, SCHEMA
+from pipeline.dataset.layout import MS_PER_DAY as _MS_PER_DAY
+from pipeline.dataset.layout import data_file_path
+from pipeline.dataset.schema import SCHEMA
 from pipeline.store.storage import Storage
 
-DATASET_DIR = "sessions"
-_MS_PER_DAY = 86_400_000
 ROW_GROUP_ROWS = 8192  # bounds the Parquet writer's buffers: peak memory stays flat with file size
 
 
@@ -36,10 +36,6 @@ def use_lean_memory_pool() -> None:
         pa.set_memory_pool(pa.jemalloc_memory_pool())
     except (NotImplementedError, pa.ArrowNotImplementedError):
         pa.set_memory_pool(pa.system_memory_pool())
-
-
-def partition_dir(day: str) -> str:
-    return f"{DATASET_DIR}/{PARTITION_KEY}={day}"
 
 
 def write_parquet(storage: Storage, path: str, table: pa.Table) -> int:
@@ -114,7 +110,7 @@ class ParquetSink:
         self.pending_rows = self.pending_bytes = 0
         written = []
         for day, part in split_by_day(table):
-            path = f"{partition_dir(day)}/part-{self.run_id}-{seq:05d}.parquet"
+            path = data_file_path(day, self.run_id, seq)
             size = write_parquet(self.storage, path, part)
             written.append(WrittenFile(path, day, part.num_rows, size))
         return written

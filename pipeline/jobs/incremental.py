@@ -33,9 +33,10 @@ import pyarrow.parquet as pq
 from pipeline.api.client import PAGE_SIZE, SessionPage, TriggerClient
 from pipeline.api.walker import prefetched, walk_pages
 from pipeline.dataset.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
-from pipeline.dataset.layout import files_by_partition, known_versions, read_file, version_keys
+from pipeline.dataset.layout import files_by_partition, read_file, version_keys
 from pipeline.dataset.manifest import RunManifest, iso_ms
 from pipeline.dataset.sink import ParquetSink
+from pipeline.dataset.versions import StoredVersions
 from pipeline.errors import ApiError
 from pipeline.jobs.enrich import TriggerConfigFiller
 from pipeline.store.lock import lock_holder
@@ -284,7 +285,7 @@ class IncrementalRun:
             return self.client.list_sessions(list_params(window, filters, cursor))
 
         # a re-read window (lookback, rescan, full refresh) writes only versions not stored yet
-        known = known_versions(self.output, window.from_ms, window.to_ms, progress.run_id)
+        known = StoredVersions(self.output, window.from_ms, window.to_ms, progress.run_id)
         now = self.clock()
         capture = self._captures_changes(progress)
         watched = self._previous_active["id"]
@@ -302,8 +303,8 @@ class IncrementalRun:
                         met = pc.or_(live, pc.is_in(table["id"], value_set=watched))
                         keys = version_keys(table.filter(met)).combine_chunks()
                         self._written_keys.append(keys)
-            if len(known) and table.num_rows:
-                fresh = pc.invert(pc.is_in(version_keys(table), value_set=known))
+            if table.num_rows:
+                fresh = known.unseen(table)
                 skipped = table.num_rows - (pc.sum(fresh).as_py() or 0)
                 cost.unchanged += skipped
                 writer.unchanged += skipped

@@ -164,6 +164,32 @@ class Storage:
             raise
         _fsync_dir(target.parent)
 
+    @contextmanager
+    def open_output(self, path: str) -> Iterator[pa.NativeFile]:
+        """A stream for a file too big to hold in memory; it appears at `path` whole when
+        the block ends, and not at all if it raises. The bytes go to a hidden name first
+        (local disk: renamed; object store: copied server-side, then the copy deleted)."""
+        name = path.rsplit("/", 1)[-1]
+        temp = f"{path[: len(path) - len(name)]}.{name}.{uuid.uuid4().hex[:12]}.tmp"
+        if self.is_local:
+            (self._root / temp).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self.fs.open_output_stream(self.full_path(temp)) as stream:
+                yield stream
+            if self.is_local:
+                with open(self._root / temp, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(self._root / temp, self._root / path)
+                _fsync_dir((self._root / path).parent)
+            else:
+                self.fs.move(self.full_path(temp), self.full_path(path))
+        except (OSError, pa.ArrowException) as error:
+            self.delete(temp)
+            raise StorageError(f"cannot write {self.display(path)}: {_describe(error)}") from None
+        except BaseException:
+            self.delete(temp)
+            raise
+
     def delete(self, path: str) -> None:
         try:
             if self.is_local:
