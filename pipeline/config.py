@@ -79,13 +79,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("backoff_max", float, 30.0, "cap of one retry delay, seconds"),
     Option("allow_insecure_http", bool, False, "allow plain http:// to a non-loopback API host"),
     Option("concurrency", int, 8, "backfill: windows walked at once"),
-    Option("since", str, None, "backfill: oldest createdAt (ISO date/datetime, or 90d back)"),
+    Option(
+        "since", str, None, "backfill, stats: oldest createdAt (ISO date/datetime, or 90d back)"
+    ),
     Option(
         "until",
         str,
         None,
-        "backfill: newest createdAt (ISO date/datetime, or 6h back; default now)",
+        "backfill, stats: newest createdAt (ISO date/datetime, or 6h back; default now)",
     ),
+    Option("format", str, "table", "stats: table, json or csv"),
     Option("log_level", str, "info", "debug, info, warning or error"),
     Option(
         "log_format", str, "auto", "text, json, or auto (text on a terminal, JSON lines otherwise)"
