@@ -18,7 +18,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
@@ -171,9 +171,9 @@ class Storage:
         (local disk: renamed; object store: copied server-side, then the copy deleted)."""
         name = path.rsplit("/", 1)[-1]
         temp = f"{path[: len(path) - len(name)]}.{name}.{uuid.uuid4().hex[:12]}.tmp"
-        if self.is_local:
-            (self._root / temp).parent.mkdir(parents=True, exist_ok=True)
         try:
+            if self.is_local:
+                (self._root / temp).parent.mkdir(parents=True, exist_ok=True)
             with self.fs.open_output_stream(self.full_path(temp)) as stream:
                 yield stream
             if self.is_local:
@@ -183,11 +183,12 @@ class Storage:
                 _fsync_dir((self._root / path).parent)
             else:
                 self.fs.move(self.full_path(temp), self.full_path(path))
-        except (OSError, pa.ArrowException) as error:
-            self.delete(temp)
-            raise StorageError(f"cannot write {self.display(path)}: {_describe(error)}") from None
-        except BaseException:
-            self.delete(temp)
+        except BaseException as error:
+            with suppress(StorageError):  # the write's own error is the one to report
+                self.delete(temp)
+            if isinstance(error, OSError | pa.ArrowException):
+                message = f"cannot write {self.display(path)}: {_describe(error)}"
+                raise StorageError(message) from None
             raise
 
     def delete(self, path: str) -> None:
