@@ -18,8 +18,10 @@ from pipeline.dataset.layout import DATASET_DIR
 from pipeline.dataset.schema import PARTITION_KEY, SCHEMA
 from pipeline.store.storage import storage_endpoint
 
-# visible data files only: a name starting with `.` or `_` is a temp file readers skip
-_VISIBLE_FILES = f"{DATASET_DIR}/{PARTITION_KEY}=*/[!._]*.parquet"
+# visible data files only: a name starting with `.` or `_` is a temp file readers skip.
+# polars expands a local glob's class as a glob (`[!…]`), an object store's as a regex (`[^…]`)
+_LOCAL_FILES = f"{DATASET_DIR}/{PARTITION_KEY}=*/[!._]*.parquet"
+_REMOTE_FILES = f"{DATASET_DIR}/{PARTITION_KEY}=*/[^._]*.parquet"
 
 
 def polars_schema() -> pl.Schema:
@@ -34,12 +36,13 @@ def scan_sessions(
     base = str(output).rstrip("/")
     options = _object_store_options(base, storage_options)
     columns = [*SCHEMA.names, PARTITION_KEY]
-    if "://" not in base and not any(Path(base).glob(_VISIBLE_FILES)):
+    local = "://" not in base or base.startswith("file://")
+    if local and not any(Path(base.removeprefix("file://")).glob(_LOCAL_FILES)):
         empty = polars_schema()
         empty[PARTITION_KEY] = pl.Date
         return pl.LazyFrame(schema=empty)
     frame = pl.scan_parquet(
-        f"{base}/{_VISIBLE_FILES}",
+        f"{base}/{_LOCAL_FILES if local else _REMOTE_FILES}",
         schema=polars_schema(),
         hive_partitioning=True,
         hive_schema={PARTITION_KEY: pl.Date},
