@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-faults bench-backfill clean
+.PHONY: install demo test lint bench bench-faults bench-backfill bench-dataset bench-compact \
+	bench-refresh bench-versions clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,3 +40,20 @@ bench-faults: $(STAMP)
 ## A concurrent backfill against the rate-limit ceiling, next to a sequential walk.
 bench-backfill: $(STAMP)
 	$(BIN)/python -m bench.backfill
+
+## A 10,000,000-version dataset in DATASET (default output/bench-dataset), without the API.
+DATASET ?= output/bench-dataset
+bench-dataset: $(STAMP)
+	$(BIN)/python -m bench.dataset $(DATASET) --versions 10000000 --days 30
+
+## Compaction of one partition at 750,000, 1,500,000 and 3,000,000 rows: time and peak RSS.
+bench-compact: $(STAMP)
+	$(BIN)/python -m bench.compact
+
+## A full refresh next to the first export of the same data, 200,000 and 1,000,000 sessions.
+bench-refresh: $(STAMP)
+	$(BIN)/python -m bench.refresh
+
+## The known-versions check over a 10,000,000-version dataset (built first), newest first.
+bench-versions: $(STAMP)
+	$(BIN)/python -m bench.versions

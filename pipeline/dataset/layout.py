@@ -6,23 +6,22 @@ sessions/created_date=YYYY-MM-DD/part-c<compact>-<seq>.parquet written by `compa
 ```
 
 A path part starting with `.` or `_` is hidden (Spark, Hive, DuckDB skip it). Readers go
-through here: one file, its row groups in batches (bounded memory), or a partition-pruned
-`pyarrow.dataset` of the visible files.
+through here: one file whole, or its row groups in batches (bounded memory); the
+partition-pruned polars view of the whole dataset is `scan.scan_sessions`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.dataset.schema import PARTITION_KEY, SCHEMA
+from pipeline.dataset.schema import PARTITION_KEY
 from pipeline.store.storage import Storage, StoredFile
 
 DATASET_DIR = "sessions"
@@ -110,20 +109,6 @@ def iter_batches(
     with storage.fs.open_input_file(storage.full_path(path)) as handle:
         parquet = pq.ParquetFile(handle)
         yield from parquet.iter_batches(batch_size=rows, columns=columns)
-
-
-def partitions_dataset(storage: Storage, files: Iterable[DataFile]) -> ds.Dataset:
-    """The given files as one dataset with `created_date` (a date) from their paths, so a
-    filter on it reads only the matching files."""
-    partitioning = ds.partitioning(pa.schema([(PARTITION_KEY, pa.date32())]), flavor="hive")
-    return ds.dataset(
-        [storage.full_path(f.path) for f in files],
-        schema=SCHEMA.append(pa.field(PARTITION_KEY, pa.date32())),
-        format="parquet",
-        filesystem=storage.fs,
-        partitioning=partitioning,
-        partition_base_dir=storage.full_path(DATASET_DIR),
-    )
 
 
 def latest_versions(table: pa.Table) -> pa.Table:

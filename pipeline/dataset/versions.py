@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -28,6 +28,9 @@ from pipeline.dataset.layout import (
     written_by,
 )
 from pipeline.store.storage import Storage
+
+if TYPE_CHECKING:
+    import polars as pl
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,10 @@ class StoredVersions:
 
     def unseen(self, table: pa.Table) -> pa.BooleanArray:
         """For each row (`id`, `created_at`, `updated_at`): True if its version is not stored."""
-        if table.num_rows == 0:
-            return pa.array([], pa.bool_())
+        if table.num_rows == 0 or self._nothing_stored():
+            return pa.array([True] * table.num_rows, pa.bool_())
+        import polars as pl  # only once there is something stored: a first export needs none
+
         keys = pl.Series(version_keys(table))
         days = pl.Series(pc.divide(table["created_at"].cast(pa.int64()), MS_PER_DAY))
         seen = pl.Series([False] * table.num_rows)
@@ -76,14 +81,18 @@ class StoredVersions:
             seen = seen.scatter(rows.arg_true(), found)
         return (~seen).to_arrow()
 
+    def _nothing_stored(self) -> bool:
+        if self._files is None:
+            self._files = files_by_partition(self.output)
+        return not self._files
+
     def _partition(self, day: str) -> pl.Series | None:
         if not self.first <= day <= self.last:
             return None
         if day in self._loaded:
             self._loaded.move_to_end(day)
             return self._loaded[day]
-        if self._files is None:
-            self._files = files_by_partition(self.output)
+        assert self._files is not None
         keys = self._read_keys(self._files.get(day, []))
         self._loaded[day] = keys
         self.partitions_read += 1
@@ -95,6 +104,8 @@ class StoredVersions:
         return keys
 
     def _read_keys(self, files: list[DataFile]) -> pl.Series:
+        import polars as pl
+
         chunks = []
         for data_file in files:
             if written_by(data_file.path, self.exclude_run):
