@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.dataset.layout import (
@@ -35,6 +31,7 @@ from pipeline.dataset.layout import (
 )
 from pipeline.dataset.schema import SCHEMA
 from pipeline.dataset.sink import ROW_GROUP_ROWS
+from pipeline.dataset.spill import IdBuckets
 from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -43,7 +40,6 @@ log = logging.getLogger(__name__)
 # size compact at 291 MB peak RSS; 17 buckets of twice the size at 360 MB)
 BUCKET_BYTES = 8 * 1024 * 1024
 _BATCH_ROWS = 16_384
-_SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
 
 
 @dataclass(frozen=True)
@@ -123,42 +119,8 @@ def compact_partition(output: Storage, files: list[DataFile], target: str) -> tu
 
 def _buckets(output: Storage, files: list[DataFile], buckets: int) -> Iterator[pa.Table]:
     """The partition's rows in `buckets` tables, every version of one id in the same one."""
-    if buckets == 1:
-        yield pa.concat_tables(_as_schema(pa.Table.from_batches([b])) for f in files
-                               for b in iter_batches(output, f.path, rows=_BATCH_ROWS))
-        return
-    with tempfile.TemporaryDirectory(prefix="sessions-compact-") as spill:
-        paths = [Path(spill, f"bucket-{n:04d}.arrow") for n in range(buckets)]
-        writers = [pa.ipc.new_file(str(p), SCHEMA, options=_SPILL_OPTIONS) for p in paths]
-        try:
-            for data_file in files:
-                for batch in iter_batches(output, data_file.path, rows=_BATCH_ROWS):
-                    table = _as_schema(pa.Table.from_batches([batch]))
-                    for n, part in _split(table, _bucket_of(table["id"], buckets)):
-                        writers[n].write_table(part)
-        finally:
-            for spilled in writers:
-                spilled.close()
-        for path in paths:
-            with pa.OSFile(str(path)) as source:
-                yield pa.ipc.open_file(source).read_all()
-            path.unlink()
-
-
-def _split(table: pa.Table, which: pa.Array) -> Iterator[tuple[int, pa.Table]]:
-    """The rows of each bucket `which` names, cut from one sort rather than a filter each."""
-    order = pc.sort_indices(which)
-    runs = pc.run_end_encode(which.take(order))
-    ordered = table.take(order)
-    start = 0
-    for n, end in zip(runs.values.to_pylist(), runs.run_ends.to_pylist(), strict=True):
-        yield n, ordered.slice(start, end - start)
-        start = end
-
-
-def _bucket_of(ids: pa.ChunkedArray, buckets: int) -> pa.Array:
-    return (pl.Series(ids).hash(seed=0) % buckets).cast(pl.Int32).to_arrow()
-
-
-def _as_schema(table: pa.Table) -> pa.Table:
-    return table if table.schema.equals(SCHEMA) else table.cast(SCHEMA)
+    with IdBuckets(SCHEMA, buckets) as spill:
+        for data_file in files:
+            for batch in iter_batches(output, data_file.path, rows=_BATCH_ROWS):
+                spill.add(pa.Table.from_batches([batch]))
+        yield from spill.drain()

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from pipeline.api.client import PAGE_SIZE, SessionPage, TriggerClient
 from pipeline.api.walker import prefetched, walk_pages
 from pipeline.dataset.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
-from pipeline.dataset.layout import files_by_partition, read_file, version_keys
+from pipeline.dataset.layout import file_rows, files_by_partition, read_file, version_keys
 from pipeline.dataset.manifest import RunManifest, iso_ms
 from pipeline.dataset.sink import ParquetSink
 from pipeline.dataset.versions import StoredVersions
@@ -413,10 +413,7 @@ class IncrementalRun:
         total = 0
         for day, files in files_by_partition(self.output).items():
             if first <= day <= last:
-                for data_file in files:
-                    total += pq.read_metadata(
-                        self.output.full_path(data_file.path), filesystem=self.output.fs
-                    ).num_rows
+                total += sum(file_rows(self.output, f.path) for f in files)
         return total
 
     # -- shared ------------------------------------------------------------------------
