@@ -97,9 +97,13 @@ def read_file(storage: Storage, path: str, columns: list[str] | None = None) -> 
     return storage.read_table(path, columns)
 
 
+def read_footer(storage: Storage, path: str) -> pq.FileMetaData:
+    """One file's footer (schema, rows, row groups) without its data."""
+    return pq.read_metadata(storage.full_path(path), filesystem=storage.fs)
+
+
 def file_rows(storage: Storage, path: str) -> int:
-    """Rows in one file, from its footer only."""
-    return pq.read_metadata(storage.full_path(path), filesystem=storage.fs).num_rows
+    return read_footer(storage, path).num_rows
 
 
 def iter_batches(
