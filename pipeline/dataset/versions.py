@@ -1,19 +1,18 @@
 """Which session versions the dataset already holds: the check that lets a re-read window
 (lookback, rescan, full refresh) write only what changed.
 
-A version is `id|updated_at-ms`. The stored keys of one partition are read when a page
-first needs them, kept sorted, and each page is checked with a binary search: a page costs
-O(rows · log n), not a rebuild of the whole set, so a walk is linear in the rows it meets.
-Partitions are held least-recently-used under a budget of keys, so memory stays bounded
-on any dataset; a listing walks newest-first, so a partition it has left is rarely needed
-again (if it is, it is read again: slower, never wrong).
+A version is `id|updated_at-ms`. The stored keys of one partition are read into a set when
+a page first needs them, so a page costs a hundred set lookups, not a rebuild of every
+stored key: a walk is linear in the rows it meets. Partitions are held least-recently-used
+under a budget of keys (about 110 bytes each), so memory stays bounded on any dataset; a
+listing walks newest first, so a partition it has left is rarely needed again (if it is,
+it is read again: slower, never wrong).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,12 +28,9 @@ from pipeline.dataset.layout import (
 )
 from pipeline.store.storage import Storage
 
-if TYPE_CHECKING:
-    import polars as pl
-
 log = logging.getLogger(__name__)
 
-KEY_BUDGET = 3_000_000  # stored keys held at once (about 50 bytes each)
+KEY_BUDGET = 1_000_000  # stored keys held at once: about 110 MB
 
 
 class StoredVersions:
@@ -58,60 +54,49 @@ class StoredVersions:
         self.exclude_run = exclude_run
         self.key_budget = key_budget
         self._files: dict[str, list[DataFile]] | None = None
-        self._loaded: OrderedDict[str, pl.Series] = OrderedDict()
+        self._loaded: OrderedDict[int, set[str]] = OrderedDict()
+        self._held = 0
         self.partitions_read = 0
 
     def unseen(self, table: pa.Table) -> pa.BooleanArray:
         """For each row (`id`, `created_at`, `updated_at`): True if its version is not stored."""
         if table.num_rows == 0 or self._nothing_stored():
             return pa.array([True] * table.num_rows, pa.bool_())
-        import polars as pl  # only once there is something stored: a first export needs none
-
-        keys = pl.Series(version_keys(table))
-        days = pl.Series(pc.divide(table["created_at"].cast(pa.int64()), MS_PER_DAY))
-        seen = pl.Series([False] * table.num_rows)
-        for day_number in days.unique().to_list():
-            stored = self._partition(day_of(day_number * MS_PER_DAY))
-            if stored is None or stored.is_empty():
-                continue
-            rows = days == day_number
-            wanted = keys.filter(rows)
-            at = stored.search_sorted(wanted).clip(upper_bound=len(stored) - 1)
-            found = stored.gather(at) == wanted
-            seen = seen.scatter(rows.arg_true(), found)
-        return (~seen).to_arrow()
+        keys = version_keys(table).to_pylist()
+        days = pc.divide(table["created_at"].cast(pa.int64()), MS_PER_DAY).to_pylist()
+        return pa.array(
+            [key not in self._partition(day) for key, day in zip(keys, days, strict=True)],
+            pa.bool_(),
+        )
 
     def _nothing_stored(self) -> bool:
         if self._files is None:
             self._files = files_by_partition(self.output)
         return not self._files
 
-    def _partition(self, day: str) -> pl.Series | None:
-        if not self.first <= day <= self.last:
-            return None
-        if day in self._loaded:
-            self._loaded.move_to_end(day)
-            return self._loaded[day]
-        assert self._files is not None
-        keys = self._read_keys(self._files.get(day, []))
-        self._loaded[day] = keys
-        self.partitions_read += 1
-        held = sum(len(k) for k in self._loaded.values())
-        while held > self.key_budget and len(self._loaded) > 1:
+    def _partition(self, day_number: int) -> set[str]:
+        stored = self._loaded.get(day_number)
+        if stored is not None:
+            self._loaded.move_to_end(day_number)
+            return stored
+        day = day_of(day_number * MS_PER_DAY)
+        stored: set[str] = set()
+        if self.first <= day <= self.last and self._files:
+            stored = self._read_keys(self._files.get(day, []))
+            self.partitions_read += 1
+            log.debug("stored versions of %s: %d keys", day, len(stored))
+        self._loaded[day_number] = stored
+        self._held += len(stored)
+        while self._held > self.key_budget and len(self._loaded) > 1:
             _, evicted = self._loaded.popitem(last=False)
-            held -= len(evicted)
-        log.debug("stored versions of %s: %d keys", day, len(keys))
-        return keys
+            self._held -= len(evicted)
+        return stored
 
-    def _read_keys(self, files: list[DataFile]) -> pl.Series:
-        import polars as pl
-
-        chunks = []
+    def _read_keys(self, files: list[DataFile]) -> set[str]:
+        keys: set[str] = set()
         for data_file in files:
             if written_by(data_file.path, self.exclude_run):
                 continue
             for batch in iter_batches(self.output, data_file.path, ["id", "updated_at"]):
-                chunks.append(pl.Series(version_keys(pa.Table.from_batches([batch]))))
-        if not chunks:
-            return pl.Series([], dtype=pl.String)
-        return pl.concat(chunks).unique().sort()
+                keys.update(version_keys(pa.Table.from_batches([batch])).to_pylist())
+        return keys
