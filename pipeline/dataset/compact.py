@@ -28,6 +28,7 @@ from pipeline.dataset.layout import (
     files_by_partition,
     iter_batches,
     latest_versions,
+    read_footer,
 )
 from pipeline.dataset.schema import SCHEMA
 from pipeline.dataset.sink import ROW_GROUP_ROWS
@@ -95,8 +96,8 @@ def bucket_count(output: Storage, files: list[DataFile]) -> int:
     """Buckets that keep each one under `BUCKET_BYTES`, from the files' footers."""
     total = 0
     for data_file in files:
-        metadata = pq.read_metadata(output.full_path(data_file.path), filesystem=output.fs)
-        total += sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+        footer = read_footer(output, data_file.path)
+        total += sum(footer.row_group(i).total_byte_size for i in range(footer.num_row_groups))
     return max(1, math.ceil(total / BUCKET_BYTES))
 
 
