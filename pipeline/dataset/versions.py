@@ -4,7 +4,7 @@
 A version is `id|updated_at-ms`. The stored keys of one partition are read into a set when
 a page first needs them, so a page costs a hundred set lookups, not a rebuild of every
 stored key: a walk is linear in the rows it meets. Partitions are held least-recently-used
-under a budget of keys (about 110 bytes each), so memory stays bounded on any dataset; a
+under a budget of keys, so memory stays bounded on any dataset; a
 listing walks newest first, so a partition it has left is rarely needed again (if it is,
 it is read again: slower, never wrong).
 """
@@ -30,7 +30,7 @@ from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 
-KEY_BUDGET = 1_000_000  # stored keys held at once: about 110 MB
+KEY_BUDGET = 500_000  # stored keys held at once: about 70 MB (a set of str costs ~140 B a key)
 
 
 class StoredVersions:
