@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,6 +22,9 @@ from pipeline.errors import ExportError
 from pipeline.ops.logs import redact, register_secret, setup_logging
 from pipeline.store.state import StateStore
 from pipeline.store.storage import Storage
+
+if TYPE_CHECKING:
+    from pipeline.jobs.incremental import RunSummary
 
 log = logging.getLogger("pipeline")
 
@@ -229,7 +232,7 @@ def run_export(
     compact_after: bool,
     display: Any = None,
     echo: Callable[[str], Any] | None = None,
-) -> Any:
+) -> RunSummary:
     """`run` without the terminal: the same export, its metrics, and its `RunSummary`."""
     from pipeline.dataset.sink import use_lean_memory_pool
     from pipeline.jobs.incremental import IncrementalRun, RunOptions

@@ -8,10 +8,13 @@ the caller set it up. Every failure is an `ExportError` carrying the CLI's exit 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import FILTER_NAMES, OPTION_BY_NAME, load_settings
 from pipeline.errors import ExportError, UsageError
+
+if TYPE_CHECKING:
+    from pipeline.jobs.incremental import RunSummary
 
 
 def export(
@@ -21,7 +24,7 @@ def export(
     full_refresh: bool = False,
     compact: bool = False,
     **options: Any,
-) -> Any:
+) -> RunSummary:
     """Run the incremental export once and return its `RunSummary`."""
     from pipeline.cli import run_export
 
