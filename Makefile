@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-faults bench-backfill bench-walk clean
+.PHONY: install demo test lint bench bench-faults bench-backfill bench-walk bench-dataset \
+	bench-compact bench-refresh bench-versions clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,3 +44,20 @@ bench-backfill: $(STAMP)
 ## The exact walk's extra requests next to a plain cursor walk, same listings.
 bench-walk: $(STAMP)
 	$(BIN)/python -m bench.walk_cost
+
+## A 10,000,000-version dataset in DATASET (default output/bench-dataset), without the API.
+DATASET ?= output/bench-dataset
+bench-dataset: $(STAMP)
+	$(BIN)/python -m bench.dataset $(DATASET) --versions 10000000 --days 30
+
+## Compaction of one partition at 750,000, 1,500,000 and 3,000,000 rows: time and peak RSS.
+bench-compact: $(STAMP)
+	$(BIN)/python -m bench.compact
+
+## A full refresh next to the first export of the same data, 200,000 and 1,000,000 sessions.
+bench-refresh: $(STAMP)
+	$(BIN)/python -m bench.refresh
+
+## The known-versions check over a 10,000,000-version dataset (built first), newest first.
+bench-versions: $(STAMP)
+	$(BIN)/python -m bench.versions

@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from datetime import date
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -29,6 +30,9 @@ from pipeline.errors import ExitCode, ExportError, exit_codes_line
 from pipeline.ops.logs import redact, register_secret, setup_logging
 from pipeline.store.state import StateStore
 from pipeline.store.storage import Storage
+
+if TYPE_CHECKING:
+    from pipeline.jobs.core import RunSummary
 
 log = logging.getLogger("pipeline")
 
@@ -224,11 +228,24 @@ def cli() -> None:
 def run(settings: Settings, full_refresh: bool, compact_after: bool) -> None:
     """Incremental export: resume an interrupted run, else export everything created since
     the checkpoint's high-water mark minus the lookback. The first run exports all history."""
+    from pipeline.ops.progress import RunProgressDisplay
+
+    run_export(settings, full_refresh, compact_after, RunProgressDisplay(), echo=click.echo)
+
+
+def run_export(
+    settings: Settings,
+    full_refresh: bool,
+    compact_after: bool,
+    display: Any = None,
+    echo: Callable[[str], Any] | None = None,
+) -> RunSummary:
+    """`run` without the terminal: the same export, its metrics, and its `RunSummary`."""
     from pipeline.dataset.sink import use_lean_memory_pool
     from pipeline.jobs.incremental import IncrementalRun, RunOptions
+    from pipeline.ops.metrics import log_summary, record_failure, record_success, summary_text
 
     use_lean_memory_pool()
-
     options = RunOptions(
         filters=settings.filters,
         lookback_ms=parse_duration_ms(settings.lookback, "lookback"),
@@ -240,28 +257,26 @@ def run(settings: Settings, full_refresh: bool, compact_after: bool) -> None:
         flush_bytes=settings.flush_bytes,
         full_refresh=full_refresh,
     )
-    from pipeline.ops.metrics import log_summary, record_failure, record_success, summary_text
-
     try:
         state = state_store(settings)
-        from pipeline.ops.progress import RunProgressDisplay
-
-        display = RunProgressDisplay()
         try:
             with make_client(settings) as client:
                 summary = IncrementalRun(
                     client, output_storage(settings), state, options, on_progress=display
                 ).execute()
         finally:
-            display.close()
-        click.echo(summary_text(summary, settings.branch))
+            if display is not None:
+                display.close()
+        if echo is not None:
+            echo(summary_text(summary, settings.branch))
         log_summary(summary, settings.environment, settings.branch)
         if compact_after and summary.files:
-            _compact(settings, only=_touched_partitions(settings, summary.run_id))
+            _compact(settings, only=_touched_partitions(settings, summary.run_id), echo=echo)
     except BaseException as error:
         record_failure(settings.metrics_file, settings.environment, error, settings.branch)
         raise
     record_success(settings.metrics_file, settings.environment, summary, settings.branch)
+    return summary
 
 
 @cli.command()
@@ -343,14 +358,20 @@ def compact(settings: Settings) -> None:
     _compact(settings, only=None)
 
 
-def _compact(settings: Settings, only: list[str] | None) -> None:
+def _compact(
+    settings: Settings, only: list[str] | None, echo: Callable[[str], Any] | None = click.echo
+) -> None:
     from pipeline.dataset.compact import compact as run_compact
+    from pipeline.dataset.sink import use_lean_memory_pool
     from pipeline.jobs.core import new_run_id, wall_clock_ms
     from pipeline.store.lock import lock_holder
 
+    use_lean_memory_pool()
+
     with state_store(settings).lock(lock_holder()):
         summary = run_compact(output_storage(settings), new_run_id(wall_clock_ms()), only)
-    click.echo(summary.line())
+    if echo is not None:
+        echo(summary.line())
 
 
 @cli.command()
@@ -365,6 +386,29 @@ def verify(settings: Settings, strict: bool) -> None:
         click.echo(line)
     if not report.ok:
         sys.exit(ExitCode.VERIFY_FAILED)
+
+
+@cli.command()
+@with_options(*_COMMON, "since", "until", "format")
+def stats(settings: Settings) -> None:
+    """A per-day table of the dataset: sessions, versions, active/closed/expired (by each
+    session's latest version) and the top types, read from the files (never the API)."""
+    from pipeline.config import parse_time_ms
+    from pipeline.dataset.layout import day_of
+    from pipeline.dataset.stats import daily_stats, render
+    from pipeline.errors import UsageError
+    from pipeline.jobs.core import wall_clock_ms
+
+    now = wall_clock_ms()
+    since, until = (
+        date.fromisoformat(day_of(parse_time_ms(text, flag, now))) if text else None
+        for text, flag in ((settings.since, "--since"), (settings.until, "--until"))
+    )
+    if since and until and since > until:
+        raise UsageError(f"--since ({settings.since}) is after --until ({settings.until})")
+    output = output_storage(settings)  # opened first: a bad URI is a usage or storage error
+    rows = daily_stats(output.uri, since, until, now)
+    click.echo(render(rows, settings.format))
 
 
 @cli.group()

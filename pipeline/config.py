@@ -36,6 +36,7 @@ DEFAULT_SECRET_KEY_ENV = "TRIGGER_SECRET_KEY"
 BRANCH_ENVS = ("TRIGGER_PREVIEW_BRANCH", "VERCEL_GIT_COMMIT_REF", "TRIGGER_DEV_BRANCH")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "text", "json")
+STATS_FORMATS = ("table", "json", "csv")
 
 
 def option(
@@ -113,12 +114,15 @@ class Settings:
         False, "allow plain http:// to a non-loopback API host (never through a proxy)"
     )
     concurrency: int = option(8, "backfill: windows walked at once")
-    since: str | None = option(None, "backfill: oldest createdAt (ISO date/datetime, or 90d back)")
+    since: str | None = option(
+        None, "backfill, stats: oldest createdAt (ISO date/datetime, or 90d back)"
+    )
     until: str | None = option(
         None,
-        "backfill: newest createdAt (ISO date/datetime, or 6h back; default now)",
+        "backfill, stats: newest createdAt (ISO date/datetime, or 6h back; default now)",
         shown="now",
     )
+    format: str = option("table", "stats: table, json or csv", choices=STATS_FORMATS)
     log_level: str = option("info", "debug, info, warning or error", choices=LOG_LEVELS)
     log_format: str = option(
         "auto",

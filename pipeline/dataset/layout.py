@@ -1,16 +1,32 @@
-"""Reading the dataset back: which files are where, and the latest version of each session."""
+"""The dataset's layout, in one place: partition key, paths, file names, listing and reads.
+
+```
+sessions/created_date=YYYY-MM-DD/part-<run>-<seq>.parquet     written by a run's flush
+sessions/created_date=YYYY-MM-DD/part-c<compact>-<seq>.parquet written by `compact`
+```
+
+A path part starting with `.` or `_` is hidden (Spark, Hive, DuckDB skip it). Readers go
+through here: one file whole, or its row groups in batches (bounded memory); the
+partition-pruned polars view of the whole dataset is `scan.scan_sessions`.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.dataset.schema import PARTITION_KEY
-from pipeline.dataset.sink import DATASET_DIR, MS_PER_DAY, day_label
 from pipeline.store.storage import Storage, StoredFile
+
+DATASET_DIR = "sessions"
+COMPACT_PREFIX = "part-c"
+MS_PER_DAY = 86_400_000
 
 _PARTITION_FILE = re.compile(
     rf"^{DATASET_DIR}/{PARTITION_KEY}=(\d{{4}}-\d{{2}}-\d{{2}})/([^/]+\.parquet)$"
@@ -22,6 +38,37 @@ class DataFile:
     path: str
     partition: str
     size: int
+
+
+def partition_dir(day: str) -> str:
+    return f"{DATASET_DIR}/{PARTITION_KEY}={day}"
+
+
+def data_file_path(day: str, run_id: str, seq: int) -> str:
+    """Named by run and flush only: a resumed run redoing a flush overwrites, not duplicates."""
+    return f"{partition_dir(day)}/part-{run_id}-{seq:05d}.parquet"
+
+
+def compacted_file_path(day: str, compact_id: str, seq: int) -> str:
+    return f"{partition_dir(day)}/{COMPACT_PREFIX}{compact_id}-{seq:05d}.parquet"
+
+
+def is_compacted(path: str) -> bool:
+    return path.rsplit("/", 1)[-1].startswith(COMPACT_PREFIX)
+
+
+def written_by(path: str, run_id: str) -> bool:
+    return f"-{run_id}-" in path.rsplit("/", 1)[-1]
+
+
+def day_of(epoch_ms: int) -> str:
+    """The partition (UTC date) a createdAt in epoch milliseconds falls in."""
+    return datetime.fromtimestamp(epoch_ms // 1000, tz=UTC).date().isoformat()
+
+
+def partition_of(path: str) -> str:
+    """The partition (`YYYY-MM-DD`) of a data file's path under `sessions/`."""
+    return path.split("/")[1].split("=", 1)[1]
 
 
 def is_hidden(path: str) -> bool:
@@ -55,6 +102,24 @@ def read_file(storage: Storage, path: str, columns: list[str] | None = None) -> 
     return storage.read_table(path, columns)
 
 
+def read_footer(storage: Storage, path: str) -> pq.FileMetaData:
+    """One file's footer (schema, rows, row groups) without its data."""
+    return storage.read_footer(path)
+
+
+def file_rows(storage: Storage, path: str) -> int:
+    return read_footer(storage, path).num_rows
+
+
+def iter_batches(
+    storage: Storage, path: str, columns: list[str] | None = None, rows: int = 65_536
+) -> Iterator[pa.RecordBatch]:
+    """One file in record batches of at most `rows`: memory stays flat with file size."""
+    with storage.fs.open_input_file(storage.full_path(path)) as handle:
+        parquet = pq.ParquetFile(handle)
+        yield from parquet.iter_batches(batch_size=rows, columns=columns)
+
+
 def latest_versions(table: pa.Table) -> pa.Table:
     """One row per id: greatest `updated_at` (null counts as oldest), then `extracted_at`."""
     if table.num_rows == 0:
@@ -78,37 +143,3 @@ def version_keys(table: pa.Table) -> pa.ChunkedArray:
     """`id|updated_at-ms` for each row: what identifies one version of a session."""
     updated = pc.cast(table["updated_at"].cast(pa.int64()), pa.string())
     return pc.binary_join_element_wise(table["id"], pc.fill_null(updated, "null"), "|")
-
-
-def known_versions(
-    storage: Storage, from_ms: int | None, to_ms: int | None, skip_run: str
-) -> pa.Array:
-    """Version keys already stored in the partitions a window touches.
-
-    Files of `skip_run` are left out: a resumed run rewrites those under the same names,
-    so their rows must be written again, not skipped.
-    """
-    first = _day_of(from_ms) if from_ms is not None else "0000-00-00"
-    last = _day_of(to_ms) if to_ms is not None else "9999-99-99"
-    keys = []
-    for data_file in classify_files(storage)[0]:
-        if not first <= data_file.partition <= last or f"-{skip_run}-" in data_file.path:
-            continue
-        table = read_file(storage, data_file.path, columns=["id", "created_at", "updated_at"])
-        keys.extend(version_keys(table).chunks)
-    if not keys:
-        return pa.array([], pa.string())
-    return pc.unique(pa.chunked_array(keys, pa.string()).combine_chunks())
-
-
-def day_of_ms(epoch_ms: int) -> str:
-    """The UTC day (`YYYY-MM-DD`, a partition's name) of an epoch-ms timestamp."""
-    return day_label(epoch_ms // MS_PER_DAY)  # the sink's own rule, so the two never differ
-
-
-def partition_of(path: str) -> str:
-    """The partition (`YYYY-MM-DD`) of a data file's path under `sessions/`."""
-    return path.split("/")[1].split("=", 1)[1]
-
-
-_day_of = day_of_ms

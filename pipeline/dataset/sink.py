@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dataset.schema import PARTITION_KEY, SCHEMA
+from pipeline.dataset.layout import MS_PER_DAY as _MS_PER_DAY
+from pipeline.dataset.layout import data_file_path, day_of
+from pipeline.dataset.schema import SCHEMA
 from pipeline.store.storage import Storage
 
-DATASET_DIR = "sessions"
-MS_PER_DAY = 86_400_000
 ROW_GROUP_ROWS = 8192  # bounds the Parquet writer's buffers: peak memory stays flat with file size
 
 
@@ -36,10 +36,6 @@ def use_lean_memory_pool() -> None:
         pa.set_memory_pool(pa.jemalloc_memory_pool())
     except (NotImplementedError, pa.ArrowNotImplementedError):
         pa.set_memory_pool(pa.system_memory_pool())
-
-
-def partition_dir(day: str) -> str:
-    return f"{DATASET_DIR}/{PARTITION_KEY}={day}"
 
 
 def write_parquet(storage: Storage, path: str, table: pa.Table) -> int:
@@ -65,7 +61,7 @@ def split_by_day(table: pa.Table) -> list[tuple[str, pa.Table]]:
     """
     if table.num_rows == 0:
         return []
-    days = pc.divide(table["created_at"].cast(pa.int64()), MS_PER_DAY).combine_chunks()
+    days = pc.divide(table["created_at"].cast(pa.int64()), _MS_PER_DAY).combine_chunks()
     changes = pc.indices_nonzero(pc.not_equal(days.slice(1), days.slice(0, len(days) - 1)))
     starts = [0, *(i + 1 for i in changes.to_pylist())]
     run_days = [days[i].as_py() for i in starts]
@@ -77,12 +73,11 @@ def split_by_day(table: pa.Table) -> list[tuple[str, pa.Table]]:
     else:
         for day in set(run_days):
             parts[day] = table.filter(pc.equal(days, day))
-    return [(day_label(day), parts[day]) for day in sorted(parts)]
+    return [(_day_label(day), parts[day]) for day in sorted(parts)]
 
 
-def day_label(day: int) -> str:
-    """`YYYY-MM-DD` of a UTC day counted from the epoch: a partition's name."""
-    return pa.scalar(day * MS_PER_DAY, pa.timestamp("ms")).as_py().date().isoformat()
+def _day_label(day: int) -> str:
+    return day_of(day * _MS_PER_DAY)  # the layout's one day rule
 
 
 class ParquetSink:
@@ -115,7 +110,7 @@ class ParquetSink:
         self.pending_rows = self.pending_bytes = 0
         written = []
         for day, part in split_by_day(table):
-            path = f"{partition_dir(day)}/part-{self.run_id}-{seq:05d}.parquet"
+            path = data_file_path(day, self.run_id, seq)
             size = write_parquet(self.storage, path, part)
             written.append(WrittenFile(path, day, part.num_rows, size))
         return written

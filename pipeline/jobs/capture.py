@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.api.client import PAGE_SIZE, TriggerClient
 from pipeline.dataset.flatten import parse_timestamp_ms
-from pipeline.dataset.layout import day_of_ms, files_by_partition, version_keys
+from pipeline.dataset.layout import day_of, file_rows, files_by_partition, version_keys
 from pipeline.jobs.core import (
     FlushingWriter,
     KnownVersions,
@@ -172,9 +172,9 @@ class ChangeCapture:
 
     def _stored_rows(self, low_ms: int, high_ms: int) -> int:
         """Rows the dataset holds in the partitions of a createdAt span (file footers only)."""
-        first, last = day_of_ms(low_ms), day_of_ms(high_ms)
+        first, last = day_of(low_ms), day_of(high_ms)
         total = 0
         for day, files in files_by_partition(self.output).items():
             if first <= day <= last:
-                total += sum(self.output.parquet_rows(f.path) for f in files)
+                total += sum(file_rows(self.output, f.path) for f in files)
         return total

@@ -20,15 +20,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.api.client import RequestStats, TriggerClient
 from pipeline.api.filters import FILTER_PARAMS
-from pipeline.api.walker import Listing, WalkedPage, WalkState, prefetched, walk_listing
+from pipeline.api.walker import (
+    Listing,
+    WalkedPage,
+    WalkState,
+    created_ms,
+    prefetched,
+    walk_listing,
+)
 from pipeline.dataset.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
-from pipeline.dataset.layout import known_versions, partition_of
+from pipeline.dataset.layout import MS_PER_DAY, partition_of
 from pipeline.dataset.manifest import RunManifest, iso_ms
 from pipeline.dataset.sink import ParquetSink
+from pipeline.dataset.versions import StoredVersions
 from pipeline.errors import ApiError
 from pipeline.jobs.enrich import TriggerConfigFiller
 from pipeline.store.state import Window
@@ -80,36 +87,34 @@ def session_version(session: Session) -> str:
 class KnownVersions:
     """Versions (`id|updatedAt`) the dataset or this run holds already.
 
-    The one place a job asks "is this version stored?", so that the lookup behind it can be
-    replaced (a stored-versions index) without touching the jobs.
+    The one place a job asks "is this version stored?": the dataset's side is a
+    `StoredVersions` index (one partition's keys at a time, bounded memory, linear time),
+    this run's side a set of the keys it wrote or was told about.
     """
 
-    def __init__(self, keys: pa.Array | None = None) -> None:
-        self._parts: list[pa.Array] = [] if keys is None else [keys]
-        self._set: pa.Array | None = None
+    def __init__(self, stored: StoredVersions | None = None) -> None:
+        self._stored = stored
+        self._held: set[str] = set()
 
     @classmethod
     def stored(cls, storage: Storage, window: Window, skip_run: str) -> KnownVersions:
         """Versions stored in the partitions `window` touches, except the files of `skip_run`
         (a resumed run rewrites those under the same names, so their rows must be written)."""
-        return cls(known_versions(storage, window.from_ms, window.to_ms, skip_run))
+        return cls(StoredVersions(storage, window.from_ms, window.to_ms, skip_run))
 
     def add(self, keys: pa.Array) -> None:
-        if len(keys):
-            self._parts.append(keys)
-            self._set = None
+        self._held.update(keys.to_pylist())
 
     def fresh(self, sessions: list[Session]) -> tuple[list[Session], pa.Array]:
         """The sessions whose version is not held yet, and the version keys of those."""
-        keys = pa.array([session_version(s) for s in sessions], pa.string())
-        if self._set is None:
-            parts = [p for p in self._parts if len(p)]
-            self._set = pa.chunked_array(parts, pa.string()).combine_chunks() if parts else None
-        if self._set is None or not len(keys):
-            return list(sessions), keys
-        new = pc.invert(pc.is_in(keys, value_set=self._set))
-        fresh = [s for s, keep in zip(sessions, new.to_pylist(), strict=True) if keep]
-        return fresh, keys.filter(new)
+        keys = [session_version(s) for s in sessions]
+        new = [key not in self._held for key in keys]
+        if self._stored is not None and any(new):
+            days = [created_ms(s) // MS_PER_DAY for s in sessions]
+            unseen = self._stored.unseen_keys(keys, days)
+            new = [a and b for a, b in zip(new, unseen, strict=True)]
+        fresh = [s for s, keep in zip(sessions, new, strict=True) if keep]
+        return fresh, pa.array([k for k, keep in zip(keys, new, strict=True) if keep], pa.string())
 
 
 class RowPreparer:

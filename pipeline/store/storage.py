@@ -20,7 +20,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -200,6 +200,33 @@ class Storage:
             raise
         _fsync_dir(target.parent)
 
+    @contextmanager
+    def open_output(self, path: str) -> Iterator[pa.NativeFile]:
+        """A stream for a file too big to hold in memory; it appears at `path` whole when
+        the block ends, and not at all if it raises. The bytes go to a hidden name first
+        (local disk: renamed; object store: copied server-side, then the copy deleted)."""
+        name = path.rsplit("/", 1)[-1]
+        temp = f"{path[: len(path) - len(name)]}.{name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            if self.is_local:
+                (self._root / temp).parent.mkdir(parents=True, exist_ok=True)
+            with self.fs.open_output_stream(self.full_path(temp)) as stream:
+                yield stream
+            if self.is_local:
+                with open(self._root / temp, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(self._root / temp, self._root / path)
+                _fsync_dir((self._root / path).parent)
+            else:
+                self.fs.move(self.full_path(temp), self.full_path(path))
+        except BaseException as error:
+            with suppress(StorageError):  # the write's own error is the one to report
+                self.delete(temp)
+            if isinstance(error, OSError | pa.ArrowException):
+                message = f"cannot write {self.display(path)}: {_describe(error)}"
+                raise StorageError(message) from None
+            raise
+
     def delete(self, path: str) -> None:
         try:
             if self.is_local:
@@ -240,12 +267,14 @@ class Storage:
                 f"cannot read {self.display(path)}: {_describe(error, self.uri)}"
             ) from None
 
-    def parquet_rows(self, path: str) -> int:
-        """Rows in one Parquet file, from its footer; unreadable is a `StorageError`."""
+    def read_footer(self, path: str) -> pq.FileMetaData:
+        """One Parquet file's footer (schema, rows, row groups); unreadable is a `StorageError`."""
         try:
-            return pq.read_metadata(self.full_path(path), filesystem=self.fs).num_rows
+            return pq.read_metadata(self.full_path(path), filesystem=self.fs)
         except (OSError, pa.ArrowException) as error:
-            raise StorageError(f"cannot read {self.display(path)}: {_describe(error)}") from None
+            raise StorageError(
+                f"cannot read {self.display(path)}: {_describe(error, self.uri)}"
+            ) from None
 
     def list_files(self, prefix: str = "") -> list[StoredFile]:
         """Every file below `prefix` (recursively), sorted by path; empty when it is absent."""
