@@ -87,7 +87,7 @@ def test_stats_of_an_empty_output_and_bad_options(tmp_path):
     empty = run_cli("stats", "--output", str(tmp_path / "none"), "--format", "json", key=None)
     assert empty.returncode == 0 and json.loads(empty.stdout) == []
     bad = run_cli("stats", "--output", str(tmp_path), "--format", "xml", key=None)
-    assert bad.returncode == 2 and "--format" in bad.stderr
+    assert bad.returncode == 2 and "format must be table, json, csv" in bad.stderr
     backwards = run_cli("stats", "--output", str(tmp_path), "--since", "2026-11-02",
                         "--until", "2026-11-01", key=None)
     assert backwards.returncode == 2 and "Traceback" not in backwards.stderr
