@@ -103,6 +103,15 @@ OPTIONS: tuple[Option, ...] = (
         "the environment variable that holds the secret key (its name, never the key)",
     ),
     Option("database", str, None, "load duckdb: the DuckDB database file to upsert into"),
+    Option(
+        "dsn",
+        str,
+        None,
+        "load postgres: a libpq connection string or URI without a password "
+        "(default: the PG* environment variables)",
+    ),
+    Option("schema", str, "public", "load postgres: the schema that holds the table"),
+    Option("table", str, "sessions", "load postgres: the table to upsert into"),
 )
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
 
