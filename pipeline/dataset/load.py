@@ -217,14 +217,11 @@ def require_module(module: str, extra: str, command: str) -> ModuleType:
 
 def install_command(extra: str) -> str:
     """`pip install '<what this copy was installed from>[extra]'`."""
-    try:
-        origin = metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
-    except metadata.PackageNotFoundError:
-        origin = None
-    if origin:
-        found = json.loads(origin)
-        url = found.get("url", "")
+    # a source tree's egg-info can shadow the installed copy, which alone says where from
+    for installed in metadata.distributions(name=DISTRIBUTION):
+        origin = json.loads(installed.read_text("direct_url.json") or "{}")
+        url = origin.get("url", "")
         if url.startswith("file://"):  # installed from a clone: point pip back at it
-            editable = "-e " if found.get("dir_info", {}).get("editable") else ""
+            editable = "-e " if origin.get("dir_info", {}).get("editable") else ""
             return f"pip install {editable}'{url.removeprefix('file://')}[{extra}]'"
     return f"pip install '{DISTRIBUTION}[{extra}]'"
