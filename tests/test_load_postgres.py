@@ -277,11 +277,12 @@ def test_copy_round_trips_awkward_values(server, database, monkeypatch):
         assert stored[row["id"]] == want
 
 
-@pytest.mark.parametrize(("command", "module", "extra"), [
-    (("load", "duckdb", "--database", "w.duckdb"), "duckdb", "duckdb"),
-    (("load", "postgres"), "psycopg", "postgres"),
+@pytest.mark.parametrize(("command", "module", "package", "extra"), [
+    (("load", "duckdb", "--database", "w.duckdb"), "duckdb", "duckdb", "duckdb"),
+    (("load", "postgres"), "adbc_driver_postgresql", "adbc-driver-postgresql", "postgres"),
 ])
-def test_a_missing_driver_says_which_install_brings_it(tmp_path, command, module, extra):
+def test_a_missing_driver_says_which_install_brings_it(tmp_path, command, module, package,
+                                                       extra):
     # the real CLI, in a Python where importing the driver fails as if it were not installed
     shim = (f"import sys; sys.modules[{module!r}] = None; "
             "from pipeline.cli import main; main()")
@@ -291,5 +292,5 @@ def test_a_missing_driver_says_which_install_brings_it(tmp_path, command, module
     assert result.returncode == 2, result
     line = result.stderr.strip()
     assert len(line.splitlines()) == 1 and "unexpected error" not in line
-    assert f"needs the {module} package" in line
+    assert f"needs the {package} package" in line
     assert f"pip install -e '{ROOT}[{extra}]'" in line  # this checkout is installed editable

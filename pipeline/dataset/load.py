@@ -204,13 +204,13 @@ def table_difference(
             f"{'; '.join(problems)} (load into another --table, or alter or drop this one)")
 
 
-def require_module(module: str, extra: str, command: str) -> ModuleType:
+def require_module(module: str, package: str, extra: str, command: str) -> ModuleType:
     """Import an optional dependency, or say exactly which install brings it."""
     try:
         return importlib.import_module(module)
     except ImportError:
         raise UsageError(
-            f"{command} needs the {module} package, which is not installed: "
+            f"{command} needs the {package} package, which is not installed: "
             f"run {install_command(extra)}"
         ) from None
 

@@ -52,7 +52,7 @@ class DuckDBTarget:
     def __init__(self, database: str) -> None:
         self.database = database
         self.table = SESSIONS_TABLE
-        self._duckdb = require_module("duckdb", "duckdb", "load duckdb")
+        self._duckdb = require_module("duckdb", "duckdb", "duckdb", "load duckdb")
         self._con: Any = None
 
     def _run(self, query: str, params: list | None = None) -> Any:

@@ -1,20 +1,19 @@
 """`load postgres`: the load plan's target for a PostgreSQL table (dialect and bulk path only).
 
 The connection is libpq's: `PGHOST`, `PGPORT`, `PGDATABASE`, `PGUSER`, `PGPASSWORD`,
-`PGSERVICE`, `~/.pgpass`, or a connection string that holds no password. Each partition's
-latest versions go to a temporary table by `COPY … (FORMAT csv)`, written by Arrow's C++
-CSV writer (no Python per row); one `INSERT … ON CONFLICT (id) DO UPDATE … WHERE newer`
+`PGSERVICE`, `~/.pgpass`, or a connection string that holds no password. The driver is
+ADBC's: it streams Arrow batches into a temporary table by binary `COPY` (no text to
+format or parse, no Python per row); one `INSERT … ON CONFLICT (id) DO UPDATE … WHERE newer`
 then merges them. An advisory lock keeps two loads of one table from interleaving.
 """
 
 from __future__ import annotations
 
-import io
+import re
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
 from pipeline.dataset.load import (
     LATEST_FIRST,
@@ -39,10 +38,38 @@ COLUMNS = column_types(
     "date",
     json_type="jsonb",
 )
-LIST_COLUMNS = tuple(name for name, kind in COLUMNS if kind.endswith("[]"))
 LEDGER_SUFFIX = "_export_loads"
+LEDGER_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("mode", pa.string()),
+    ("finished_at", pa.string()),
+    ("loaded_at", pa.timestamp("us", tz="UTC")),
+    ("files", pa.int32()),
+    ("rows_read", pa.int64()),
+])
 MAX_IDENTIFIER = 63  # PostgreSQL silently truncates longer names
-COPY_ROWS = 50_000  # rows per CSV chunk sent to COPY: bounds the client's buffer
+_KEY_VALUE = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|(?:[^\s'\\]|\\.)+)\s*")
+
+
+def dsn_keys(dsn: str) -> set[str]:
+    """The keywords a libpq connection string or URI sets; ValueError when it is neither."""
+    if dsn.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(dsn)
+        keys = set(parse_qs(parts.query, keep_blank_values=True))
+        userinfo = parts.netloc.rpartition("@")[0]
+        if userinfo:
+            keys.add("user")
+            if ":" in userinfo:
+                keys.add("password")
+        return keys
+    keys, position = set(), 0
+    while position < len(dsn):
+        match = _KEY_VALUE.match(dsn, position)
+        if match is None:
+            raise ValueError("not a connection string")
+        keys.add(match.group(1))
+        position = match.end()
+    return keys
 
 
 def check_dsn(dsn: str) -> None:
@@ -50,19 +77,28 @@ def check_dsn(dsn: str) -> None:
 
     Neither error echoes the string: it may hold the very password it must not.
     """
-    conninfo = require_module("psycopg", "postgres", "load postgres").conninfo
     try:
-        options = conninfo.conninfo_to_dict(dsn)
-    except Exception:  # noqa: BLE001 - libpq's message quotes the string
+        keys = dsn_keys(dsn)
+    except ValueError:
         raise UsageError(
             "the dsn is not a libpq connection string (host=… dbname=…) or URI "
             "(postgresql://user@host/db)"
         ) from None
-    if options.get("password"):
+    if "password" in keys:
         raise UsageError(
             "the dsn holds a password: remove it and set PGPASSWORD, or use ~/.pgpass or a "
             "PGSERVICE entry (a password on the command line or in a config file leaks)"
         )
+
+
+def with_application_name(dsn: str) -> str:
+    """Name the client in pg_stat_activity unless PGAPPNAME or the dsn already does;
+    libpq fills everything else the dsn lacks from PG* and ~/.pgpass."""
+    fallback = "fallback_application_name"
+    if dsn.startswith(("postgresql://", "postgres://")):
+        joiner = "&" if "?" in dsn else "?"
+        return f"{dsn}{joiner}{fallback}=sessions-export%20load"
+    return f"{dsn} {fallback}='sessions-export load'"
 
 
 def check_identifier(name: str, what: str) -> None:
@@ -70,38 +106,19 @@ def check_identifier(name: str, what: str) -> None:
         raise UsageError(f"--{what} must be a name of 1 to {MAX_IDENTIFIER} characters")
 
 
+def ident(*names: str) -> str:
+    """A quoted (qualified) identifier: any name is safe inside SQL."""
+    return ".".join('"' + name.replace('"', '""') + '"' for name in names)
+
+
 def one_line(error: BaseException) -> str:
-    """libpq's messages span lines (hints, one line per host tried)."""
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
-
-
-def array_literals(column: pa.ChunkedArray) -> pa.Array:
-    """list<string> as PostgreSQL array literals (`{"a","b\\"c"}`), for CSV."""
-    lists = column.combine_chunks()
-    escaped = pc.replace_substring(pc.replace_substring(lists.flatten(), "\\", "\\\\"), '"', '\\"')
-    quoted = pc.fill_null(pc.binary_join_element_wise('"', escaped, '"', ""), "NULL")
-    offsets = pc.subtract(lists.offsets, lists.offsets[0])
-    rebuilt = pa.ListArray.from_arrays(offsets, quoted, mask=lists.is_null())
-    return pc.binary_join_element_wise("{", pc.binary_join(rebuilt, ","), "}", "")
-
-
-def csv_chunks(latest: pa.Table) -> list[bytes]:
-    """The rows as CSV in `COPY`'s dialect: quoted strings, an empty field is NULL."""
-    for name in LIST_COLUMNS:
-        index = latest.schema.get_field_index(name)
-        latest = latest.set_column(index, name, array_literals(latest[name]))
-    options = pacsv.WriteOptions(include_header=False, quoting_style="needed")
-    chunks = []
-    for start in range(0, latest.num_rows, COPY_ROWS):
-        buffer = io.BytesIO()
-        pacsv.write_csv(latest.slice(start, COPY_ROWS), buffer, options)
-        chunks.append(buffer.getvalue())
-    return chunks
+    """The server's message alone: libpq spans lines, ADBC appends the whole query."""
+    text = str(error).split("Query was:", 1)[0]
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 class PostgresTarget:
     def __init__(self, dsn: str | None, schema: str, table: str) -> None:
-        self._psycopg = require_module("psycopg", "postgres", "load postgres")
         if dsn:
             check_dsn(dsn)
         check_identifier(schema, "schema")
@@ -111,85 +128,76 @@ class PostgresTarget:
                 f"--table must be at most {MAX_IDENTIFIER - len(LEDGER_SUFFIX)} characters "
                 f"(its ledger is <table>{LEDGER_SUFFIX})"
             )
-        sql = self._psycopg.sql
-        self.dsn = dsn or ""
+        self._adbc = require_module(
+            "adbc_driver_postgresql.dbapi", "adbc-driver-postgresql", "postgres", "load postgres"
+        )
+        self._errors = require_module(
+            "adbc_driver_manager", "adbc-driver-manager", "postgres", "load postgres"
+        ).Error
+        self.dsn = with_application_name(dsn or "postgresql://")
         self.schema = schema
+        self.table_name = table
         self.table = f"{schema}.{table}"
-        self._sessions = sql.Identifier(schema, table)
-        self._ledger = sql.Identifier(schema, table + LEDGER_SUFFIX)
-        self._staging = sql.Identifier(f"{table}_incoming")
-        self._names = sql.SQL(", ").join(sql.Identifier(name) for name, _ in COLUMNS)
+        self._sessions = ident(schema, table)
+        self._ledger = ident(schema, table + LEDGER_SUFFIX)
+        self._staging = f"{table}_incoming"
+        self._names = ", ".join(ident(name) for name, _ in COLUMNS)
         self._con: Any = None
+        self._cursor: Any = None
 
-    def _run(self, query: Any, params: Any = None) -> Any:
+    def _run(self, query: str, *params: object) -> list[tuple]:
         try:
-            return self._con.execute(query, params)
-        except self._psycopg.Error as error:
+            self._cursor.execute(query, parameters=params or None)
+            return self._cursor.fetchall() if self._cursor.description else []
+        except self._errors as error:
             raise StorageError(f"cannot load into {self.table}: {one_line(error)}") from None
 
     def open(self) -> set[str]:
-        sql = self._psycopg.sql
         try:
-            # kwargs as fallbacks only: the dsn and the PG* environment win
-            self._con = self._psycopg.connect(
-                self.dsn, fallback_application_name="sessions-export load", autocommit=False
-            )
-        except self._psycopg.Error as error:
+            self._con = self._adbc.connect(self.dsn, autocommit=False)
+        except self._errors as error:
             raise StorageError(f"cannot connect to PostgreSQL: {one_line(error)}") from None
-        self._run("SET client_encoding = 'UTF8'")
-        self._run("SELECT pg_advisory_xact_lock(hashtext(%s))", [f"sessions-export {self.table}"])
-        if not self._run(
-            "SELECT 1 FROM pg_namespace WHERE nspname = %s", [self.schema]
-        ).fetchone():
+        self._cursor = self._con.cursor()
+        self._run("SELECT pg_advisory_xact_lock(hashtext($1))", f"sessions-export {self.table}")
+        if not self._run("SELECT 1 FROM pg_namespace WHERE nspname = $1", self.schema):
             raise UsageError(
                 f"schema {self.schema} does not exist in this database: create it, or pass "
                 "--schema"
             )
         self._check_or_create()
         self._run(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} (run_id text PRIMARY KEY, mode text, "
-                "finished_at timestamp with time zone, loaded_at timestamp with time zone "
-                "NOT NULL, files integer, rows_read bigint)"
-            ).format(self._ledger)
+            f"CREATE TABLE IF NOT EXISTS {self._ledger} (run_id text PRIMARY KEY, mode text, "
+            "finished_at text, loaded_at timestamp with time zone NOT NULL, files integer, "
+            "rows_read bigint)"
         )
-        self._run(
-            sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {}) ON COMMIT DROP").format(
-                self._staging, self._sessions
-            )
+        # JSON arrives as text and is parsed once, by the merge
+        staged = ", ".join(
+            f"{ident(name)} {'text' if kind == 'jsonb' else kind}" for name, kind in COLUMNS
         )
-        rows = self._run(sql.SQL("SELECT run_id FROM {}").format(self._ledger)).fetchall()
-        return {row[0] for row in rows}
+        self._run(f"CREATE TEMPORARY TABLE {ident(self._staging)} ({staged}) ON COMMIT DROP")
+        return {row[0] for row in self._run(f"SELECT run_id FROM {self._ledger}")}
 
     def _check_or_create(self) -> None:
-        sql = self._psycopg.sql
-        relation = self._sessions.as_string(self._con)
         actual = self._run(
-            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
-            "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped "
+            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped "
             "ORDER BY attnum",
-            [relation],
-        ).fetchall()
+            self._sessions,
+        )
         if not actual:
-            columns = sql.SQL(", ").join(
-                sql.SQL("{} {}{}").format(
-                    sql.Identifier(name),
-                    sql.SQL(kind),
-                    sql.SQL(" NOT NULL" if not_null(name) else ""),
-                )
+            columns = ", ".join(
+                f"{ident(name)} {kind}{' NOT NULL' if not_null(name) else ''}"
                 for name, kind in COLUMNS
             )
-            self._run(
-                sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY (id))").format(self._sessions, columns)
-            )
+            self._run(f"CREATE TABLE {self._sessions} ({columns}, PRIMARY KEY (id))")
             return
         difference = table_difference(self.table, COLUMNS, [tuple(row) for row in actual])
         if difference is None and not self._run(
             "SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
-            "AND a.attnum = i.indkey[0] WHERE i.indrelid = to_regclass(%s) AND i.indisunique "
+            "AND a.attnum = i.indkey[0] WHERE i.indrelid = to_regclass($1) AND i.indisunique "
             "AND i.indnkeyatts = 1 AND a.attname = 'id'",
-            [relation],
-        ).fetchone():
+            self._sessions,
+        ):
             difference = (
                 f"the existing table {self.table} has no primary key or unique index on id "
                 "(the upsert needs one)"
@@ -198,67 +206,56 @@ class PostgresTarget:
             raise UsageError(difference)
 
     def stage(self, latest: pa.Table) -> None:
-        sql = self._psycopg.sql
-        copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
-            self._staging, self._names
-        )
         try:
-            with self._con.cursor() as cursor, cursor.copy(copy_sql) as copy:
-                for chunk in csv_chunks(latest):
-                    copy.write(chunk)
-        except self._psycopg.Error as error:
+            self._cursor.adbc_ingest(self._staging, latest, mode="append", temporary=True)
+        except self._errors as error:
             raise StorageError(f"cannot load into {self.table}: {one_line(error)}") from None
 
     def merge(self) -> tuple[int, int]:
-        sql = self._psycopg.sql
-        updates = sql.SQL(", ").join(
-            sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(name))
-            for name, _ in COLUMNS
-            if name != "id"
+        names = [name for name, _ in COLUMNS]
+        values = ", ".join(
+            f"{ident(name)}::jsonb" if kind == "jsonb" else ident(name) for name, kind in COLUMNS
         )
-        # sorted by id: the primary key index is filled in order, and one row per id
-        query = sql.SQL(
-            "WITH upserted AS (INSERT INTO {sessions} AS s ({names}) "
-            "SELECT DISTINCT ON (id) {names} FROM {staging} ORDER BY {order} "
-            "ON CONFLICT (id) DO UPDATE SET {updates} WHERE {newer} "
+        updates = ", ".join(f"{ident(n)} = EXCLUDED.{ident(n)}" for n in names if n != "id")
+        # sorted by id: one row per id, and the primary key index is filled in order
+        rows = self._run(
+            f"WITH upserted AS (INSERT INTO {self._sessions} AS s ({self._names}) "
+            f"SELECT DISTINCT ON (id) {values} FROM {ident(self._staging)} "
+            f"ORDER BY {LATEST_FIRST} "
+            f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE {newer('EXCLUDED', 's')} "
             "RETURNING (xmax = 0) AS inserted) "
             "SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) "
             "FROM upserted"
-        ).format(
-            sessions=self._sessions,
-            names=self._names,
-            staging=self._staging,
-            order=sql.SQL(LATEST_FIRST),
-            updates=updates,
-            newer=sql.SQL(newer("EXCLUDED", "s")),
         )
-        inserted, updated = self._run(query).fetchone()
-        return inserted, updated
+        return rows[0][0], rows[0][1]
 
     def record(self, runs: list[LoadedRun]) -> None:
-        sql = self._psycopg.sql
-        with self._con.cursor() as cursor:
-            try:
-                cursor.executemany(
-                    sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s)").format(self._ledger),
-                    [
-                        (r.run_id, r.mode, r.finished_at, r.loaded_at, r.files, r.rows)
-                        for r in runs
-                    ],
-                )
-            except self._psycopg.Error as error:
-                raise StorageError(f"cannot load into {self.table}: {one_line(error)}") from None
+        ledger = pa.Table.from_pylist(
+            [
+                {"run_id": r.run_id, "mode": r.mode, "finished_at": r.finished_at,
+                 "loaded_at": r.loaded_at, "files": r.files, "rows_read": r.rows}
+                for r in runs
+            ],
+            LEDGER_SCHEMA,
+        )
+        try:
+            self._cursor.adbc_ingest(
+                self.table_name + LEDGER_SUFFIX, ledger, mode="append", db_schema_name=self.schema
+            )
+        except self._errors as error:
+            raise StorageError(f"cannot load into {self.table}: {one_line(error)}") from None
 
     def count(self) -> int:
-        sql = self._psycopg.sql
-        return self._run(sql.SQL("SELECT count(*) FROM {}").format(self._sessions)).fetchone()[0]
+        return self._run(f"SELECT count(*) FROM {self._sessions}")[0][0]
 
     def commit(self) -> None:
         try:
             self._con.commit()
-        except self._psycopg.Error as error:
+        except self._errors as error:
             raise StorageError(f"cannot load into {self.table}: {one_line(error)}") from None
 
     def close(self) -> None:
+        if self._cursor is not None:
+            self._cursor.close()
         if self._con is not None:
             self._con.close()  # an uncommitted transaction is rolled back: nothing half-loaded
