@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-faults bench-backfill clean
+.PHONY: install demo test lint bench bench-faults bench-backfill bench-load clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,7 @@ bench-faults: $(STAMP)
 ## A concurrent backfill against the rate-limit ceiling, next to a sequential walk.
 bench-backfill: $(STAMP)
 	$(BIN)/python -m bench.backfill
+
+## A first load of 200,000 sessions into PostgreSQL next to DuckDB (a throwaway local server).
+bench-load: $(STAMP)
+	$(BIN)/python -m bench.load

@@ -26,6 +26,7 @@ BIN_DIRS = ("/usr/local/bin", "/usr/lib/postgresql/17/bin", "/usr/lib/postgresql
 @dataclass(frozen=True)
 class PostgresServer:
     port: int
+    data: Path
     host: str = "127.0.0.1"
 
     def env(self, database: str, password: str = PASSWORD) -> dict[str, str]:
@@ -33,9 +34,32 @@ class PostgresServer:
         return {"PGHOST": self.host, "PGPORT": str(self.port), "PGDATABASE": database,
                 "PGUSER": USER, "PGPASSWORD": password}
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the whole server so far: the postmaster, its exited children (the
+        backends of closed connections) and the live ones."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        ticks = os.sysconf("SC_CLK_TCK")
+        fields = _stat(postmaster)
+        total = sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                child = _stat(int(entry.name))
+                if child and int(child[1]) == postmaster:
+                    total += int(child[11]) + int(child[12])
+        return total / ticks
+
     def conninfo(self, database: str) -> str:
         return (f"host={self.host} port={self.port} dbname={database} user={USER} "
                 f"password={PASSWORD}")
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: [state, ppid, …]; [] once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return text.rsplit(")", 1)[1].split()
 
 
 def find_binaries() -> Path | None:
@@ -84,7 +108,7 @@ def postgres_server(bin_dir: Path) -> Iterator[PostgresServer]:
         run(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l",
             str(root / "log"), "-w", "-t", "60", "start")
         try:
-            yield PostgresServer(port)
+            yield PostgresServer(port, data)
         finally:
             run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
     finally:

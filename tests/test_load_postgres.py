@@ -93,6 +93,20 @@ def assert_table_matches_parquet(rows: dict[str, dict], output, but: str = "") -
             assert got[name] == value, (sid, name, got[name], value)
 
 
+def assert_readme_query_works(server, database, rows: dict[str, dict]) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Load into PostgreSQL"):]
+    start = section.index("```sql") + len("```sql")
+    sql = section[start:section.index("```", start)]
+    found = query(server, database, sql)
+    now = datetime.now(UTC)
+    since = now.date().toordinal() - 30
+    expected = {sid for sid, row in rows.items() if row["closed_at"] is None
+                and (row["expires_at"] is None or row["expires_at"] > now)
+                and row["created_date"].toordinal() >= since}
+    assert expected and {row[0] for row in found} == expected
+
+
 def test_first_load_reload_and_changes_keep_one_latest_row_per_session(
         emulator, tmp_path, server, database):
     emu = emulator(sessions=500, seed=51, days=8, list_trigger_config="include")
@@ -111,6 +125,8 @@ def test_first_load_reload_and_changes_keep_one_latest_row_per_session(
                  "WHERE i.indrelid = 'public.sessions'::regclass AND i.indisprimary") == [("id",)]
     before = table_rows(server, database)
     assert_table_matches_parquet(before, output)
+
+    assert_readme_query_works(server, database, before)
 
     again = load_pg(server, database, output)
     assert again.returncode == 0, again.stderr

@@ -17,7 +17,8 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -101,13 +102,11 @@ def load(output: Storage, target: LoadTarget) -> LoadSummary:
         files = rows_read = inserted = updated = 0
         if manifests:
             plan = files_to_read(manifests, files_by_partition(output))
-            for partition, paths in plan.items():
-                batch = read_partition(output, partition, paths)
+            for partition, paths, read, latest in read_ahead(output, plan):
                 files += len(paths)
-                rows_read += batch.num_rows
-                target.stage(latest_versions(batch))
-                log.info("staged %s: %d rows read from %d files", partition, batch.num_rows,
-                         len(paths))
+                rows_read += read
+                target.stage(latest)
+                log.info("staged %s: %d rows read from %d files", partition, read, len(paths))
             inserted, updated = target.merge()
             now = datetime.now(UTC)
             target.record([loaded_run(m, now) for m in manifests])
@@ -116,6 +115,27 @@ def load(output: Storage, target: LoadTarget) -> LoadSummary:
     finally:
         target.close()
     return LoadSummary(target.table, len(manifests), files, rows_read, inserted, updated, sessions)
+
+
+def read_ahead(
+    output: Storage, plan: dict[str, list[str]]
+) -> Iterator[tuple[str, list[str], int, pa.Table]]:
+    """(partition, files, rows read, latest versions), the next partition read on a thread
+    while the target stages this one (Arrow reads release the GIL)."""
+
+    def read(partition: str, paths: list[str]) -> tuple[str, list[str], int, pa.Table]:
+        batch = read_partition(output, partition, paths)
+        return partition, paths, batch.num_rows, latest_versions(batch)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-read") as reader:
+        pending: Future | None = None
+        for partition, paths in plan.items():
+            following = reader.submit(read, partition, paths)
+            if pending is not None:
+                yield pending.result()
+            pending = following
+        if pending is not None:
+            yield pending.result()
 
 
 def loaded_run(manifest: dict[str, Any], now: datetime) -> LoadedRun:
