@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.dataset.load import LoadedRun
-from pipeline.dataset.load_postgres import PostgresTarget
+from pipeline.dataset.load_postgres import PostgresTarget, dsn_keys
 from pipeline.dataset.schema import SCHEMA
 from tests.conftest import KEY, ROOT, api, emulator_sessions, latest_rows, read_dataset, run_cli
 from tests.postgres_server import PASSWORD, USER, find_binaries, postgres_server
@@ -310,3 +310,23 @@ def test_a_missing_driver_says_which_install_brings_it(tmp_path, command, module
     assert len(line.splitlines()) == 1 and "unexpected error" not in line
     assert f"needs the {package} package" in line
     assert f"pip install -e '{ROOT}[{extra}]'" in line  # this checkout is installed editable
+
+
+@pytest.mark.parametrize(("dsn", "keys"), [
+    ("postgresql://loader@db.internal:5432/analytics?sslmode=require",
+     {"user", "sslmode"}),
+    ("postgres://loader:secret@db/analytics", {"user", "password"}),
+    ("postgresql://db/analytics?password=secret&user=loader", {"password", "user"}),
+    ("postgresql://", set()),
+    ("host=db dbname=analytics user=loader", {"host", "dbname", "user"}),
+    ("host = db  application_name='a b \\' c'", {"host", "application_name"}),
+    ("service=warehouse password='p w'", {"service", "password"}),
+])
+def test_dsn_keys_finds_a_password_in_either_form(dsn, keys):
+    assert dsn_keys(dsn) == keys
+
+
+@pytest.mark.parametrize("dsn", ["host=db password='unterminated", "just-a-word", "=x"])
+def test_dsn_keys_refuses_what_libpq_would_not_parse(dsn):
+    with pytest.raises(ValueError):
+        dsn_keys(dsn)
