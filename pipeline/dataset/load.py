@@ -79,10 +79,10 @@ class LoadTarget(Protocol):
         """Connect, begin the transaction, create or check both tables; the loaded run ids."""
 
     def stage(self, latest: pa.Table) -> None:
-        """Bulk-copy one partition's latest versions aside (schema columns + created_date)."""
+        """Take one partition's latest versions (schema columns + created_date) in bulk."""
 
     def merge(self) -> tuple[int, int]:
-        """Apply everything staged, newest wins; (sessions inserted, sessions updated)."""
+        """Finish applying what was staged, newest wins; (sessions inserted, updated)."""
 
     def record(self, runs: list[LoadedRun]) -> None: ...
 
@@ -204,7 +204,7 @@ def newer(incoming: str, stored: str) -> str:
     )
 
 
-# the latest version first within each id, for DISTINCT ON (id)
+# the latest version first within each id, for DISTINCT ON (id) over several partitions
 LATEST_FIRST = "id, updated_at DESC NULLS LAST, extracted_at DESC"
 
 

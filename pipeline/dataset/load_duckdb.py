@@ -1,9 +1,8 @@
 """`load duckdb`: the load plan's target for a DuckDB file (dialect and bulk path only).
 
-Arrow batches are appended to a temporary table (DuckDB scans Arrow without copying);
-the merge deletes stored rows that have a newer staged version, then inserts the ids the
-table lacks. `id` is unique but not declared a primary key: DuckDB's index would slow the
-upsert down.
+Each partition's latest versions are applied as they come, straight from Arrow: stored
+rows with a newer version are deleted, then the ids the table lacks are inserted. `id` is
+unique but not declared a primary key: DuckDB's index would slow the upsert down.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.dataset.load import (
-    LATEST_FIRST,
     LoadedRun,
     column_types,
     newer,
@@ -54,6 +52,7 @@ class DuckDBTarget:
         self.table = SESSIONS_TABLE
         self._duckdb = require_module("duckdb", "duckdb", "duckdb", "load duckdb")
         self._con: Any = None
+        self._inserted = self._updated = 0
 
     def _run(self, query: str, params: list | None = None) -> Any:
         try:
@@ -80,30 +79,28 @@ class DuckDBTarget:
                 raise UsageError(f"{self.database}: {difference}")
         self._run(SESSIONS_DDL)
         self._run(LOADS_DDL)
-        self._run(f"CREATE TEMP TABLE incoming AS SELECT {NAMES} FROM {SESSIONS_TABLE} LIMIT 0")
         return {row[0] for row in self._run(f"SELECT run_id FROM {LOADS_TABLE}").fetchall()}
 
     def stage(self, latest: pa.Table) -> None:
-        self._con.register("batch", latest)
+        """Upsert straight from Arrow: DuckDB scans the batch in place, so a staging table
+        would only add a copy (and hold every partition in memory at once)."""
+        self._con.register("incoming", latest)
         try:
-            self._run(f"INSERT INTO incoming SELECT {NAMES} FROM batch")
+            replaced = self._run(
+                f"DELETE FROM {SESSIONS_TABLE} s USING incoming i "
+                f"WHERE s.id = i.id AND {newer('i', 's')}"
+            ).fetchone()[0]
+            added = self._run(
+                f"INSERT INTO {SESSIONS_TABLE} ({NAMES}) SELECT {NAMES} FROM incoming i "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {SESSIONS_TABLE} s WHERE s.id = i.id)"
+            ).fetchone()[0]
         finally:
-            self._con.unregister("batch")
+            self._con.unregister("incoming")
+        self._inserted += added - replaced
+        self._updated += replaced
 
     def merge(self) -> tuple[int, int]:
-        self._run(
-            f"CREATE TEMP TABLE newest AS SELECT DISTINCT ON (id) {NAMES} FROM incoming "
-            f"ORDER BY {LATEST_FIRST}"
-        )
-        replaced = self._run(
-            f"DELETE FROM {SESSIONS_TABLE} s USING newest i "
-            f"WHERE s.id = i.id AND {newer('i', 's')}"
-        ).fetchone()[0]
-        added = self._run(
-            f"INSERT INTO {SESSIONS_TABLE} ({NAMES}) SELECT {NAMES} FROM newest i "
-            f"WHERE NOT EXISTS (SELECT 1 FROM {SESSIONS_TABLE} s WHERE s.id = i.id)"
-        ).fetchone()[0]
-        return added - replaced, replaced
+        return self._inserted, self._updated  # applied partition by partition
 
     def record(self, runs: list[LoadedRun]) -> None:
         for run in runs:
