@@ -277,8 +277,13 @@ def test_copy_round_trips_awkward_values(server, database, monkeypatch):
     ]
     table = pa.Table.from_pylist(rows, SCHEMA).append_column(
         "created_date", pa.array([at.date()] * 2, pa.date32()))
+    # s1 again in another partition, older: both partitions in one upsert, the newest wins
+    older = pa.Table.from_pylist([rows[0] | {"updated_at": at.replace(year=2025),
+                                             "type": "older"}], SCHEMA)
+    older = older.append_column("created_date", pa.array([at.date()], pa.date32()))
     target = PostgresTarget(None, "public", "sessions")
     assert target.open() == set()
+    target.stage(older)
     target.stage(table)
     assert target.merge() == (2, 0)
     target.record([LoadedRun("r", "run", None, 1, 2, at)])

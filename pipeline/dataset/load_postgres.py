@@ -217,7 +217,8 @@ class PostgresTarget:
             f"{ident(name)}::jsonb" if kind == "jsonb" else ident(name) for name, kind in COLUMNS
         )
         updates = ", ".join(f"{ident(n)} = EXCLUDED.{ident(n)}" for n in names if n != "id")
-        # sorted by id: one row per id, and the primary key index is filled in order
+        # one row per id even if a session sits in two partitions (an upsert refuses a
+        # repeated id); skipping the sort when none repeats measured no faster
         rows = self._run(
             f"WITH upserted AS (INSERT INTO {self._sessions} AS s ({self._names}) "
             f"SELECT DISTINCT ON (id) {values} FROM {ident(self._staging)} "
