@@ -87,6 +87,13 @@ def test_load_copes_with_files_compact_replaced(emulator, tmp_path):
     assert_table_equals(database, emulator_sessions(emu.url))
     assert len(loaded_runs(database)) == 2
 
+    con = duckdb.connect(str(database))
+    con.execute("DROP TABLE sessions")
+    con.close()
+    rebuilt = run_cli("load", "duckdb", "--output", str(output), "--database", str(database))
+    assert rebuilt.returncode == 0 and "2 new runs" in rebuilt.stdout, rebuilt.stderr
+    assert_table_equals(database, emulator_sessions(emu.url))
+
 
 def test_files_to_read_prefers_a_runs_own_files_until_compact_replaced_them():
     def data(path: str) -> DataFile:

@@ -181,6 +181,15 @@ def test_load_after_compact_with_a_dsn_schema_and_table(emulator, tmp_path, serv
                  "SELECT count(*) FROM analytics.sessions_prod_export_loads") == [(2,)]
     assert query(server, database, "SELECT to_regclass('public.sessions')") == [(None,)]
 
+    with psycopg.connect(server.conninfo(database)) as con:
+        con.execute("DROP TABLE analytics.sessions_prod")
+    rebuilt = run_cli("load", "postgres", "--output", str(output), "--dsn", dsn,
+                      "--schema", "analytics", "--table", "sessions_prod",
+                      env_extra={"PGPASSWORD": PASSWORD})
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "2 new runs" in rebuilt.stdout and "holds 300 sessions" in rebuilt.stdout
+    assert_table_matches_parquet(table_rows(server, database, "analytics.sessions_prod"), output)
+
 
 def test_a_killed_load_leaves_the_table_as_it_was(emulator, tmp_path, server, database):
     emu = emulator(sessions=400, seed=53, days=6, list_trigger_config="include")

@@ -79,6 +79,8 @@ class DuckDBTarget:
                 raise UsageError(f"{self.database}: {difference}")
         self._run(SESSIONS_DDL)
         self._run(LOADS_DDL)
+        if not actual:  # a dropped table is rebuilt from every run, whatever the ledger says
+            self._run(f"DELETE FROM {LOADS_TABLE}")
         return {row[0] for row in self._run(f"SELECT run_id FROM {LOADS_TABLE}").fetchall()}
 
     def stage(self, latest: pa.Table) -> None:

@@ -164,12 +164,14 @@ class PostgresTarget:
                 f"schema {self.schema} does not exist in this database: create it, or pass "
                 "--schema"
             )
-        self._check_or_create()
+        created = self._check_or_create()
         self._run(
             f"CREATE TABLE IF NOT EXISTS {self._ledger} (run_id text PRIMARY KEY, mode text, "
             "finished_at text, loaded_at timestamp with time zone NOT NULL, files integer, "
             "rows_read bigint)"
         )
+        if created:  # a dropped table is rebuilt from every run, whatever the ledger says
+            self._run(f"DELETE FROM {self._ledger}")
         # JSON arrives as text and is parsed once, by the merge
         staged = ", ".join(
             f"{ident(name)} {'text' if kind == 'jsonb' else kind}" for name, kind in COLUMNS
@@ -177,7 +179,8 @@ class PostgresTarget:
         self._run(f"CREATE TEMPORARY TABLE {ident(self._staging)} ({staged}) ON COMMIT DROP")
         return {row[0] for row in self._run(f"SELECT run_id FROM {self._ledger}")}
 
-    def _check_or_create(self) -> None:
+    def _check_or_create(self) -> bool:
+        """True when the table had to be created."""
         actual = self._run(
             "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute "
             "WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped "
@@ -190,7 +193,7 @@ class PostgresTarget:
                 for name, kind in COLUMNS
             )
             self._run(f"CREATE TABLE {self._sessions} ({columns}, PRIMARY KEY (id))")
-            return
+            return True
         difference = table_difference(self.table, COLUMNS, [tuple(row) for row in actual])
         if difference is None and not self._run(
             "SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
@@ -204,6 +207,7 @@ class PostgresTarget:
             )
         if difference:
             raise UsageError(difference)
+        return False
 
     def stage(self, latest: pa.Table) -> None:
         try:
