@@ -2,9 +2,10 @@
 
 The connection is libpq's: `PGHOST`, `PGPORT`, `PGDATABASE`, `PGUSER`, `PGPASSWORD`,
 `PGSERVICE`, `~/.pgpass`, or a connection string that holds no password. The driver is
-ADBC's: it streams Arrow batches into a temporary table by binary `COPY` (no text to
-format or parse, no Python per row); one `INSERT … ON CONFLICT (id) DO UPDATE … WHERE newer`
-then merges them. An advisory lock keeps two loads of one table from interleaving.
+ADBC's: it streams Arrow batches into a temporary table by binary `COPY` (no Python per
+row; JSON goes as jsonb's binary form, so the server parses it while the next partition is
+read); one `INSERT … ON CONFLICT (id) DO UPDATE … WHERE newer` then merges them. An
+advisory lock keeps two loads of one table from interleaving.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.dataset.load import (
     LATEST_FIRST,
@@ -48,6 +50,8 @@ LEDGER_SCHEMA = pa.schema([
     ("rows_read", pa.int64()),
 ])
 MAX_IDENTIFIER = 63  # PostgreSQL silently truncates longer names
+JSON_COLUMNS = tuple(name for name, kind in COLUMNS if kind == "jsonb")
+JSONB_VERSION = "\x01"
 _KEY_VALUE = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|(?:[^\s'\\]|\\.)+)\s*")
 
 
@@ -99,6 +103,11 @@ def with_application_name(dsn: str) -> str:
         joiner = "&" if "?" in dsn else "?"
         return f"{dsn}{joiner}{fallback}=sessions-export%20load"
     return f"{dsn} {fallback}='sessions-export load'"
+
+
+def as_jsonb_binary(texts: pa.ChunkedArray) -> pa.ChunkedArray:
+    """JSON text in jsonb's binary COPY format: a version byte (1), then the text."""
+    return pc.binary_join_element_wise(JSONB_VERSION, texts, "")
 
 
 def check_identifier(name: str, what: str) -> None:
@@ -172,10 +181,7 @@ class PostgresTarget:
         )
         if created:  # a dropped table is rebuilt from every run, whatever the ledger says
             self._run(f"DELETE FROM {self._ledger}")
-        # JSON arrives as text and is parsed once, by the merge
-        staged = ", ".join(
-            f"{ident(name)} {'text' if kind == 'jsonb' else kind}" for name, kind in COLUMNS
-        )
+        staged = ", ".join(f"{ident(name)} {kind}" for name, kind in COLUMNS)
         self._run(f"CREATE TEMPORARY TABLE {ident(self._staging)} ({staged}) ON COMMIT DROP")
         return {row[0] for row in self._run(f"SELECT run_id FROM {self._ledger}")}
 
@@ -210,6 +216,10 @@ class PostgresTarget:
         return False
 
     def stage(self, latest: pa.Table) -> None:
+        """Binary COPY; the server parses each partition's JSON while the next is read."""
+        for name in JSON_COLUMNS:
+            index = latest.schema.get_field_index(name)
+            latest = latest.set_column(index, name, as_jsonb_binary(latest[name]))
         try:
             self._cursor.adbc_ingest(self._staging, latest, mode="append", temporary=True)
         except self._errors as error:
@@ -217,9 +227,7 @@ class PostgresTarget:
 
     def merge(self) -> tuple[int, int]:
         names = [name for name, _ in COLUMNS]
-        values = ", ".join(
-            f"{ident(name)}::jsonb" if kind == "jsonb" else ident(name) for name, kind in COLUMNS
-        )
+        values = self._names
         updates = ", ".join(f"{ident(n)} = EXCLUDED.{ident(n)}" for n in names if n != "id")
         # one row per id even if a session sits in two partitions (an upsert refuses a
         # repeated id); skipping the sort when none repeats measured no faster
