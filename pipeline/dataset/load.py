@@ -5,9 +5,9 @@ warehouse records which runs it has loaded, so a load reads only the data of run
 seen: loading twice changes nothing, and loading after new runs applies only theirs.
 `compact` may have replaced a run's files since; then the load reads the current files of
 the partitions that run touched, which hold its versions or newer ones. Each partition is
-reduced to the latest version per id and staged; one merge then replaces a stored row only
-with a newer one (greater `updated_at`, then `extracted_at`), so reading a version twice, or
-an older one, is harmless. The whole load is one transaction of the target.
+reduced to the latest version per id and handed to the target, which replaces a stored row
+only with a newer one (greater `updated_at`, then `extracted_at`), so reading a version
+twice, or an older one, is harmless. The whole load is one transaction of the target.
 
 A target knows only its SQL dialect and its bulk path (`LoadTarget`).
 """
