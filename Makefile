@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test lint bench bench-faults bench-backfill bench-walk bench-dataset \
-	bench-compact bench-refresh bench-versions clean
+	bench-compact bench-refresh bench-versions bench-load clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,3 +61,7 @@ bench-refresh: $(STAMP)
 ## The known-versions check over a 10,000,000-version dataset (built first), newest first.
 bench-versions: $(STAMP)
 	$(BIN)/python -m bench.versions
+
+## A first load of 200,000 sessions into PostgreSQL next to DuckDB (a throwaway local server).
+bench-load: $(STAMP)
+	$(BIN)/python -m bench.load

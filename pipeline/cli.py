@@ -422,12 +422,28 @@ def load_duckdb(settings: Settings) -> None:
     """Upsert the latest version of every session into the `sessions` table of a DuckDB
     file. Runs already loaded are skipped (see sessions_export_loads), so loading twice
     changes nothing and a load after new runs applies only theirs."""
-    from pipeline.dataset.load import load_duckdb as run_load
+    from pipeline.dataset.load import load as run_load
+    from pipeline.dataset.load_duckdb import DuckDBTarget
     from pipeline.errors import UsageError
 
     if not settings.database:
         raise UsageError('load duckdb needs --database FILE (or database = "…" in the config)')
-    click.echo(run_load(output_storage(settings), settings.database).line())
+    click.echo(run_load(output_storage(settings), DuckDBTarget(settings.database)).line())
+
+
+@load.command("postgres")
+@with_options(*_COMMON, "dsn", "schema", "table")
+def load_postgres(settings: Settings) -> None:
+    """Upsert the latest version of every session into a PostgreSQL table (created if
+    missing; id is its primary key). The connection comes from PGHOST, PGPORT, PGDATABASE,
+    PGUSER, PGPASSWORD, PGSERVICE (or ~/.pgpass), or --dsn without a password. Runs already
+    loaded are skipped (see <table>_export_loads); the whole load is one transaction."""
+    from pipeline.dataset.load import load as run_load
+    from pipeline.dataset.load_postgres import PostgresTarget
+
+    register_secret(os.environ.get("PGPASSWORD"))  # never in an error line, whatever quotes it
+    target = PostgresTarget(settings.dsn, settings.schema, settings.table)
+    click.echo(run_load(output_storage(settings), target).line())
 
 
 @cli.group()

@@ -139,6 +139,13 @@ class Settings:
         "<name>_FILE names a file holding it",
     )
     database: str | None = option(None, "load duckdb: the DuckDB database file to upsert into")
+    dsn: str | None = option(
+        None,
+        "load postgres: a libpq connection string or URI without a password "
+        "(default: the PG* environment variables)",
+    )
+    schema: str = option("public", "load postgres: the schema that holds the table")
+    table: str = option("sessions", "load postgres: the table to upsert into")
 
     # not options: where the values came from
     filters: dict[str, str] = field(default_factory=dict)

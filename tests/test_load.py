@@ -87,6 +87,13 @@ def test_load_copes_with_files_compact_replaced(emulator, tmp_path):
     assert_table_equals(database, emulator_sessions(emu.url))
     assert len(loaded_runs(database)) == 2
 
+    con = duckdb.connect(str(database))
+    con.execute("DROP TABLE sessions")
+    con.close()
+    rebuilt = run_cli("load", "duckdb", "--output", str(output), "--database", str(database))
+    assert rebuilt.returncode == 0 and "2 new runs" in rebuilt.stdout, rebuilt.stderr
+    assert_table_equals(database, emulator_sessions(emu.url))
+
 
 def test_files_to_read_prefers_a_runs_own_files_until_compact_replaced_them():
     def data(path: str) -> DataFile:
@@ -105,3 +112,16 @@ def test_files_to_read_prefers_a_runs_own_files_until_compact_replaced_them():
 def test_load_needs_a_database(tmp_path):
     result = run_cli("load", "duckdb", "--output", str(tmp_path / "out"))
     assert result.returncode == 2 and "--database" in result.stderr
+
+
+def test_an_existing_table_with_other_columns_is_refused(tmp_path):
+    database = tmp_path / "w.duckdb"
+    con = duckdb.connect(str(database))
+    con.execute("CREATE TABLE sessions (id VARCHAR, type INTEGER, note VARCHAR)")
+    con.close()
+    result = run_cli("load", "duckdb", "--output", str(tmp_path / "out"), "--database",
+                     str(database))
+    assert result.returncode == 2, result
+    assert "lacks column task_identifier VARCHAR" in result.stderr
+    assert "has column note VARCHAR" in result.stderr
+    assert "column type is INTEGER, expected VARCHAR" in result.stderr

@@ -1,46 +1,58 @@
-"""`load duckdb`: upsert the latest version of every session into a DuckDB `sessions` table.
+"""The load plan shared by every warehouse target (`load duckdb`, `load postgres`).
 
-Run manifests (`_runs/<run>.json`) say what each finished run wrote. The table
-`sessions_export_loads` records which runs a database has loaded, so a load reads only the
-data of runs it has not seen: loading twice changes nothing, and loading after new runs
-applies only theirs. `compact` may have replaced a run's files since; then the load reads
-the current files of the partitions that run touched, which hold its versions or newer ones.
-A row replaces the stored one only if it is newer (greater `updated_at`, then `extracted_at`),
-so reading a version twice, or an older one, is harmless. One load is one transaction.
+Run manifests (`_runs/<run>.json`) say what each finished run wrote. A ledger table in the
+warehouse records which runs it has loaded, so a load reads only the data of runs it has not
+seen: loading twice changes nothing, and loading after new runs applies only theirs.
+`compact` may have replaced a run's files since; then the load reads the current files of
+the partitions that run touched, which hold its versions or newer ones. Each partition is
+reduced to the latest version per id and handed to the target, which replaces a stored row
+only with a newer one (greater `updated_at`, then `extracted_at`), so reading a version
+twice, or an older one, is harmless. The whole load is one transaction of the target.
+
+A target knows only its SQL dialect and its bulk path (`LoadTarget`).
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from importlib import metadata
+from types import ModuleType
+from typing import Any, Protocol
 
 import pyarrow as pa
 
 from pipeline.dataset.layout import DataFile, files_by_partition, latest_versions
 from pipeline.dataset.manifest import read_manifests
-from pipeline.dataset.schema import PARTITION_KEY, SCHEMA
-from pipeline.errors import StorageError, UsageError
+from pipeline.dataset.schema import COLUMNS, PARTITION_KEY, SCHEMA
+from pipeline.errors import UsageError
 from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
 
-SESSIONS_TABLE = "sessions"
-LOADS_TABLE = "sessions_export_loads"
+DISTRIBUTION = "trigger-sessions-export"
 
-_DUCKDB_TYPES = {
-    pa.string(): "VARCHAR",
-    pa.list_(pa.string()): "VARCHAR[]",
-    pa.timestamp("ms", tz="UTC"): "TIMESTAMPTZ",
-    pa.int32(): "INTEGER",
-    pa.int64(): "BIGINT",
-}
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """One ledger row: a run manifest applied to the table."""
+
+    run_id: str
+    mode: str | None
+    finished_at: str | None
+    files: int
+    rows: int | None
+    loaded_at: datetime
 
 
 @dataclass(frozen=True)
 class LoadSummary:
+    table: str
     runs: int
     files: int
     rows_read: int
@@ -50,37 +62,91 @@ class LoadSummary:
 
     def line(self) -> str:
         if not self.runs:
-            return f"load: nothing new; {SESSIONS_TABLE} holds {self.sessions} sessions"
+            return f"load: nothing new; {self.table} holds {self.sessions} sessions"
         return (
             f"load: {self.runs} new runs, {self.files} files, {self.rows_read} rows read, "
             f"{self.inserted} sessions inserted, {self.updated} updated; "
-            f"{SESSIONS_TABLE} holds {self.sessions} sessions"
+            f"{self.table} holds {self.sessions} sessions"
         )
 
 
-def sessions_ddl() -> str:
-    """The `sessions` table: the contract's columns in order, then `created_date`."""
-    columns = []
-    for field in SCHEMA:
-        kind = _DUCKDB_TYPES.get(field.type)
-        if kind is None:  # a new column type must be mapped here, not guessed
-            raise TypeError(f"no DuckDB type for {field.name}: {field.type}")
-        columns.append(f"{field.name} {kind}{'' if field.nullable else ' NOT NULL'}")
-    columns.append(f"{PARTITION_KEY} DATE NOT NULL")
-    return f"CREATE TABLE IF NOT EXISTS {SESSIONS_TABLE} ({', '.join(columns)})"
+class LoadTarget(Protocol):
+    """A warehouse table plus its ledger, inside one transaction from `open` to `commit`."""
+
+    table: str  # as shown to the user, e.g. "public.sessions"
+
+    def open(self) -> set[str]:
+        """Connect, begin the transaction, create or check both tables; the loaded run ids."""
+
+    def stage(self, latest: pa.Table) -> None:
+        """Take one partition's latest versions (schema columns + created_date) in bulk."""
+
+    def merge(self) -> tuple[int, int]:
+        """Finish applying what was staged, newest wins; (sessions inserted, updated)."""
+
+    def record(self, runs: list[LoadedRun]) -> None: ...
+
+    def count(self) -> int: ...
+
+    def commit(self) -> None: ...
+
+    def close(self) -> None:
+        """Disconnect; an uncommitted transaction is rolled back."""
 
 
-LOADS_DDL = (
-    f"CREATE TABLE IF NOT EXISTS {LOADS_TABLE} (run_id VARCHAR PRIMARY KEY, mode VARCHAR, "
-    "finished_at VARCHAR, loaded_at TIMESTAMPTZ NOT NULL, files INTEGER, rows_read BIGINT)"
-)
+def load(output: Storage, target: LoadTarget) -> LoadSummary:
+    """Apply every run the target has not loaded yet; one transaction."""
+    try:
+        done = target.open()
+        manifests = [m for m in read_manifests(output) if m.get("run_id") not in done]
+        files = rows_read = inserted = updated = 0
+        if manifests:
+            plan = files_to_read(manifests, files_by_partition(output))
+            for partition, paths, read, latest in read_ahead(output, plan):
+                files += len(paths)
+                rows_read += read
+                target.stage(latest)
+                log.info("staged %s: %d rows read from %d files", partition, read, len(paths))
+            inserted, updated = target.merge()
+            now = datetime.now(UTC)
+            target.record([loaded_run(m, now) for m in manifests])
+        sessions = target.count()
+        target.commit()
+    finally:
+        target.close()
+    return LoadSummary(target.table, len(manifests), files, rows_read, inserted, updated, sessions)
 
-# `i` is newer than `s`: null updated_at counts as oldest, ties go to the later extraction
-_NEWER = (
-    "(coalesce(i.updated_at, '-infinity'::TIMESTAMPTZ) > "
-    "coalesce(s.updated_at, '-infinity'::TIMESTAMPTZ) OR "
-    "(i.updated_at IS NOT DISTINCT FROM s.updated_at AND i.extracted_at > s.extracted_at))"
-)
+
+def read_ahead(
+    output: Storage, plan: dict[str, list[str]]
+) -> Iterator[tuple[str, list[str], int, pa.Table]]:
+    """(partition, files, rows read, latest versions), the next partition read on a thread
+    while the target stages this one (Arrow reads release the GIL)."""
+
+    def read(partition: str, paths: list[str]) -> tuple[str, list[str], int, pa.Table]:
+        batch = read_partition(output, partition, paths)
+        return partition, paths, batch.num_rows, latest_versions(batch)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-read") as reader:
+        pending: Future | None = None
+        for partition, paths in plan.items():
+            following = reader.submit(read, partition, paths)
+            if pending is not None:
+                yield pending.result()
+            pending = following
+        if pending is not None:
+            yield pending.result()
+
+
+def loaded_run(manifest: dict[str, Any], now: datetime) -> LoadedRun:
+    return LoadedRun(
+        run_id=manifest["run_id"],
+        mode=manifest.get("mode"),
+        finished_at=manifest.get("finished_at"),
+        files=len(manifest.get("files", [])),
+        rows=manifest.get("rows"),
+        loaded_at=now,
+    )
 
 
 def files_to_read(
@@ -105,85 +171,77 @@ def files_to_read(
     return plan
 
 
-def _connect(database: str) -> Any:
-    try:
-        import duckdb
-    except ImportError:
-        raise UsageError(
-            "load duckdb needs the duckdb package: pip install 'trigger-sessions-export[duckdb]'"
-        ) from None
-    try:
-        return duckdb.connect(database)
-    except duckdb.Error as error:
-        raise StorageError(f"cannot open the DuckDB database {database}: {error}") from None
-
-
-def load_duckdb(output: Storage, database: str) -> LoadSummary:
-    """Apply every run not yet loaded into `database`; one transaction."""
-    import duckdb
-
-    con = _connect(database)
-    try:
-        con.execute(sessions_ddl())
-        con.execute(LOADS_DDL)
-        done = {row[0] for row in con.execute(f"SELECT run_id FROM {LOADS_TABLE}").fetchall()}
-        manifests = [m for m in read_manifests(output) if m.get("run_id") not in done]
-        if not manifests:
-            return LoadSummary(0, 0, 0, 0, 0, _count(con))
-        plan = files_to_read(manifests, files_by_partition(output))
-        con.execute("BEGIN TRANSACTION")
-        files = rows_read = inserted = updated = 0
-        for partition, paths in plan.items():
-            batch = _read_partition(output, partition, paths)
-            files += len(paths)
-            rows_read += batch.num_rows
-            added, replaced = _upsert(con, latest_versions(batch))
-            inserted += added
-            updated += replaced
-            log.info("loaded %s: %d rows read from %d files", partition, batch.num_rows, len(paths))
-        now = datetime.now(UTC)
-        for manifest in manifests:
-            con.execute(
-                f"INSERT INTO {LOADS_TABLE} VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    manifest["run_id"],
-                    manifest.get("mode"),
-                    manifest.get("finished_at"),
-                    now,
-                    len(manifest.get("files", [])),
-                    manifest.get("rows"),
-                ],
-            )
-        con.execute("COMMIT")
-        return LoadSummary(len(manifests), files, rows_read, inserted, updated, _count(con))
-    except duckdb.Error as error:
-        raise StorageError(f"cannot load into {database}: {error}") from None
-    finally:
-        con.close()  # an open transaction is rolled back: nothing half-loaded
-
-
-def _read_partition(output: Storage, partition: str, paths: list[str]) -> pa.Table:
+def read_partition(output: Storage, partition: str, paths: list[str]) -> pa.Table:
     table = pa.concat_tables([output.read_table(path).cast(SCHEMA) for path in paths])
     day = pa.scalar(datetime.fromisoformat(partition).date(), pa.date32())
     return table.append_column(PARTITION_KEY, pa.repeat(day, table.num_rows))
 
 
-def _upsert(con: Any, latest: pa.Table) -> tuple[int, int]:
-    """Insert unseen ids, replace stored rows that `latest` has newer versions of."""
-    columns = ", ".join(latest.column_names)
-    con.register("incoming", latest)
+def column_types(
+    type_of: dict[pa.DataType, str], date_type: str, json_type: str | None = None
+) -> list[tuple[str, str]]:
+    """The table's columns in order with a target's types; JSON text gets `json_type`."""
+    columns = []
+    for column in COLUMNS:
+        kind = json_type if column.kind == "json" and json_type else type_of.get(column.type)
+        if kind is None:  # a new column type must be mapped per target, not guessed
+            raise TypeError(f"no warehouse type for {column.name}: {column.type}")
+        columns.append((column.name, kind))
+    return [*columns, (PARTITION_KEY, date_type)]
+
+
+def not_null(name: str) -> bool:
+    return name == PARTITION_KEY or not SCHEMA.field(name).nullable
+
+
+def newer(incoming: str, stored: str) -> str:
+    """SQL: the row `incoming` is a newer version than `stored` (null updated_at is oldest)."""
+    return (
+        f"(coalesce({incoming}.updated_at, '-infinity'::TIMESTAMPTZ) > "
+        f"coalesce({stored}.updated_at, '-infinity'::TIMESTAMPTZ) OR "
+        f"({incoming}.updated_at IS NOT DISTINCT FROM {stored}.updated_at AND "
+        f"{incoming}.extracted_at > {stored}.extracted_at))"
+    )
+
+
+# the latest version first within each id, for DISTINCT ON (id) over several partitions
+LATEST_FIRST = "id, updated_at DESC NULLS LAST, extracted_at DESC"
+
+
+def table_difference(
+    table: str, expected: list[tuple[str, str]], actual: list[tuple[str, str]]
+) -> str | None:
+    """Why an existing table cannot take the load, or None when its columns fit."""
+    want, have = dict(expected), dict(actual)
+    problems = [f"lacks column {name} {kind}" for name, kind in expected if name not in have]
+    problems += [f"has column {name} {kind} the load does not know" for name, kind in actual
+                 if name not in want]
+    problems += [f"column {name} is {have[name]}, expected {kind}" for name, kind in expected
+                 if name in have and have[name] != kind]
+    if not problems:
+        return None
+    return (f"the existing table {table} does not match the sessions schema: "
+            f"{'; '.join(problems)} (load into another --table, or alter or drop this one)")
+
+
+def require_module(module: str, package: str, extra: str, command: str) -> ModuleType:
+    """Import an optional dependency, or say exactly which install brings it."""
     try:
-        replaced = con.execute(
-            f"DELETE FROM {SESSIONS_TABLE} s USING incoming i WHERE s.id = i.id AND {_NEWER}"
-        ).fetchone()[0]
-        added = con.execute(
-            f"INSERT INTO {SESSIONS_TABLE} ({columns}) SELECT {columns} FROM incoming i "
-            f"WHERE NOT EXISTS (SELECT 1 FROM {SESSIONS_TABLE} s WHERE s.id = i.id)"
-        ).fetchone()[0]
-    finally:
-        con.unregister("incoming")
-    return added - replaced, replaced
+        return importlib.import_module(module)
+    except ImportError:
+        raise UsageError(
+            f"{command} needs the {package} package, which is not installed: "
+            f"run {install_command(extra)}"
+        ) from None
 
 
-def _count(con: Any) -> int:
-    return con.execute(f"SELECT count(*) FROM {SESSIONS_TABLE}").fetchone()[0]
+def install_command(extra: str) -> str:
+    """`pip install '<what this copy was installed from>[extra]'`."""
+    # a source tree's egg-info can shadow the installed copy, which alone says where from
+    for installed in metadata.distributions(name=DISTRIBUTION):
+        origin = json.loads(installed.read_text("direct_url.json") or "{}")
+        url = origin.get("url", "")
+        if url.startswith("file://"):  # installed from a clone: point pip back at it
+            editable = "-e " if origin.get("dir_info", {}).get("editable") else ""
+            return f"pip install {editable}'{url.removeprefix('file://')}[{extra}]'"
+    return f"pip install '{DISTRIBUTION}[{extra}]'"
