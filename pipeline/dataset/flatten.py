@@ -1,14 +1,20 @@
-"""Flatten API session objects into Arrow tables of the `sessions` schema, column by column.
+"""Flatten API sessions into Arrow tables of the `sessions` schema, column by column.
 
-Values are gathered per column and converted in bulk by Arrow; only a column whose bulk
-conversion fails takes the per-value path, where a value of the wrong type becomes null in
-its column and is kept, as received, in `extra` — nothing is dropped and nothing crashes.
+Two inputs, one table: `flatten_sessions` takes sessions as plain dicts (any shape the API
+sends), `flatten_listed` takes the typed rows of a list page (`pipeline.api.records`),
+whose values already have their column's type and whose JSON subtrees are still the text
+the API sent. Values are gathered per column and converted in bulk by Arrow; only a column
+whose bulk conversion fails takes the per-value path, where a value of the wrong type (or
+out of range) becomes null in its column and is kept, as received, in `extra` — nothing is
+dropped and nothing crashes.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -72,6 +78,58 @@ def flatten_sessions(sessions: list[Session], extracted_at_ms: int, run_id: str)
     arrays.append(pa.repeat(pa.scalar(extracted_at_ms, TIMESTAMP), count))
     arrays.append(pa.repeat(pa.scalar(run_id, pa.string()), count))
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def flatten_listed(listed: Sequence[Any], extracted_at_ms: int, run_id: str) -> pa.Table:
+    """The same table as `flatten_sessions`, from typed list rows (attributes named as the
+    API's fields, `metadata` and `basePayload` as raw JSON text, triggerConfig a struct or
+    anything else when absent)."""
+    count = len(listed)
+    if not count:
+        return SCHEMA.empty_table()
+    extras: Extras = [None] * count
+    arrays: list[pa.Array] = []
+    columns = zip(*map(_TOP_LEVEL_VALUES, listed), strict=True)
+    for column, values in zip(TOP_LEVEL_COLUMNS, columns, strict=True):
+        arrays.append(_build_typed(column, values, extras))
+    configs = [s.triggerConfig for s in listed]
+    present = [c for c in configs if hasattr(c, "basePayload")]
+    if not present:
+        arrays.extend(pa.nulls(count, c.type) for c in TRIGGER_CONFIG_COLUMNS)
+    else:
+        rows = [_CONFIG_VALUES(c) if hasattr(c, "basePayload") else _NO_CONFIG for c in configs]
+        for column, values in zip(TRIGGER_CONFIG_COLUMNS, zip(*rows, strict=True), strict=True):
+            arrays.append(_build_typed(column, values, extras))
+    if any(e is not None for e in extras):
+        arrays.append(pa.array([None if e is None else dumps_json(e) for e in extras], pa.string()))
+    else:
+        arrays.append(pa.nulls(count, pa.string()))
+    arrays.append(pa.repeat(pa.scalar(extracted_at_ms, TIMESTAMP), count))
+    arrays.append(pa.repeat(pa.scalar(run_id, pa.string()), count))
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+_TOP_LEVEL_VALUES = attrgetter(*(c.source for c in TOP_LEVEL_COLUMNS))
+_CONFIG_VALUES = attrgetter(*(c.source for c in TRIGGER_CONFIG_COLUMNS))
+_NO_CONFIG = (None,) * len(TRIGGER_CONFIG_COLUMNS)
+_JSON_NULL = b"null"
+
+
+def _build_typed(column: Column, values: Sequence[Any], extras: Extras) -> pa.Array:
+    """A column of typed values: JSON text is kept as sent, the rest converted in bulk."""
+    if column.kind == "json":
+        texts = [None if v is None or (text := bytes(v)) == _JSON_NULL else text for v in values]
+        try:
+            return pa.array(texts, pa.string())
+        except pa.ArrowInvalid:
+            raise MalformedSession(f"session field {column.source_label!r} is not UTF-8") from None
+    try:
+        if column.kind == "timestamp":
+            return pa.array(values, pa.string()).cast(TIMESTAMP)
+        return pa.array(values, column.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        # a timestamp Arrow cannot cast, an int out of the column's range
+        return _build_slowly(column, list(values), extras)
 
 
 def _trigger_configs(sessions: list[Session], extras: Extras) -> list[Session | None]:

@@ -31,7 +31,7 @@ from pipeline.jobs.incremental import (
     RunSummary,
     list_params,
     new_run_id,
-    sessions_table,
+    page_table,
     wall_clock_ms,
 )
 from pipeline.store.lock import lock_holder
@@ -362,9 +362,7 @@ class BackfillRun:
             with self._lock:
                 bounds = Window(window.from_ms, window.to_ms)
             page = self.client.list_sessions(list_params(bounds, filters, cursor))
-            table = sessions_table(
-                page.sessions, page.received_at_ms, self.state.run_id, self.filler
-            )
+            table = page_table(page, self.state.run_id, self.filler)
             finished = page.next_cursor is None
             # one critical section: a split must see these rows as walked, or it would hand
             # part of them to a new window as well

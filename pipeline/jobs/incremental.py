@@ -31,8 +31,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.api.client import PAGE_SIZE, SessionPage, TriggerClient
+from pipeline.api.records import UNSET, ListedSession, has_trigger_config
 from pipeline.api.walker import prefetched, walk_pages
-from pipeline.dataset.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
+from pipeline.dataset.flatten import (
+    MalformedSession,
+    flatten_listed,
+    flatten_sessions,
+    parse_timestamp_ms,
+)
 from pipeline.dataset.layout import files_by_partition, known_versions, read_file, version_keys
 from pipeline.dataset.manifest import RunManifest, iso_ms
 from pipeline.dataset.sink import ParquetSink
@@ -122,6 +128,25 @@ def sessions_table(
         return flatten_sessions(sessions, received_ms, run_id)
     except MalformedSession as error:
         raise ApiError(f"the API returned an unusable session: {error}") from None
+
+
+def page_table(page: SessionPage, run_id: str, filler: TriggerConfigFiller | None) -> pa.Table:
+    """A listed page as rows: straight from its typed rows unless some need triggerConfig
+    filled (that path works on the page's sessions as dicts)."""
+    listed = page.listed
+    if listed is None or (filler is not None and _needs_filling(listed, filler)):
+        return sessions_table(page.sessions, page.received_at_ms, run_id, filler)
+    try:
+        return flatten_listed(listed, page.received_at_ms, run_id)
+    except MalformedSession as error:
+        raise ApiError(f"the API returned an unusable session: {error}") from None
+
+
+def _needs_filling(listed: list[ListedSession], filler: TriggerConfigFiller) -> bool:
+    """`filler.remember_listed` + whether `filler.fill` would have work, on typed rows."""
+    if not filler.lists_carry_config:
+        filler.lists_carry_config = any(has_trigger_config(s) for s in listed)
+    return not filler.lists_carry_config and any(s.triggerConfig is UNSET for s in listed)
 
 
 def new_run_id(now_ms: int) -> str:
@@ -292,7 +317,7 @@ class IncrementalRun:
         for page in prefetched(walk_pages(fetch, progress.cursor)):
             cost.pages += 1
             writer.pages += 1
-            table = self._table(page.sessions, page.received_at_ms, writer.progress.run_id)
+            table = page_table(page, writer.progress.run_id, self.filler)
             if table.num_rows:
                 writer.saw_created(pc.max(table["created_at"]).value)
                 if capture:
