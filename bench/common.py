@@ -21,6 +21,7 @@ class Measured:
     peak_rss_mb: float
     returncode: int
     stdout: str
+    cpu_seconds: float = 0.0  # user + sys of the child
 
 
 @contextmanager
@@ -52,7 +53,8 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> Measured:
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
-    return Measured(seconds, usage.ru_maxrss / 1024, process.returncode, output)
+    cpu = usage.ru_utime + usage.ru_stime
+    return Measured(seconds, usage.ru_maxrss / 1024, process.returncode, output, cpu)
 
 
 def export(command: str, url: str, out: str, *args: str) -> Measured:
