@@ -36,7 +36,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("output", str, "output/", "where the dataset goes: a directory, s3://… or gs://…"),
     Option("state", str, None, "where the checkpoint and lock live (default <output>/_state/)"),
-    Option("flush_rows", int, 15_000, "rows buffered before a flush and its checkpoint"),
+    Option("flush_rows", int, 10_000, "rows buffered before a flush and its checkpoint"),
     Option("flush_bytes", int, 64 * 1024 * 1024, "buffered Arrow bytes that also force a flush"),
     Option(
         "lookback",

@@ -83,7 +83,7 @@ class RunOptions:
     track_active: bool = True
     enrich_trigger_config: bool = True
     enrich_concurrency: int = 8
-    flush_rows: int = 15_000
+    flush_rows: int = 10_000
     flush_bytes: int = 64 * 1024 * 1024
     full_refresh: bool = False
 
