@@ -26,9 +26,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests bench
 
-## Throughput and memory, ours vs a bare fetch loop, side by side (bench/README.md).
+## Throughput, CPU and memory, ours vs the fastest bare fetch loop, side by side, then the
+## enrichment path against the rate-limit ceiling (bench/README.md; about 5-10 minutes).
 bench: $(STAMP)
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.enrich
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

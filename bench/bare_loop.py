@@ -1,13 +1,16 @@
-"""The baseline: a bare loop that only fetches and parses every page with httpx.
+"""The baseline: the fastest plain loop that fetches and parses every page, writing nothing.
 
-What a hand-written script does before it writes anything: `page[size]=100`, follow
-`pagination.next`, `response.json()`. Prints the number of sessions it saw.
+The same HTTP stack as the export (one reused httpx client, so one kept-alive connection)
+and the fastest parser at hand, `orjson.loads` on the response bytes. It follows
+`pagination.next` from the newest page with `page[size]=100` and prints the number of
+sessions it saw. Nothing can overlap here: the next request needs the cursor in this body.
 """
 
 import os
 import sys
 
 import httpx
+import orjson
 
 
 def main(url: str) -> None:
@@ -16,9 +19,9 @@ def main(url: str) -> None:
     params = {"page[size]": "100"}
     with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
         while True:
-            body = client.get("/api/v1/sessions", params=params).json()
+            body = orjson.loads(client.get("/api/v1/sessions", params=params).content)
             count += len(body["data"])
-            following = body.get("pagination", {}).get("next")
+            following = (body.get("pagination") or {}).get("next")
             if not following:
                 break
             params["page[after]"] = following

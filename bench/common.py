@@ -21,12 +21,23 @@ class Measured:
     peak_rss_mb: float
     returncode: int
     stdout: str
-    cpu_seconds: float = 0.0  # the child's user + system time, all its threads
+    cpu_seconds: float = 0.0  # user + sys of the child
+
+
+@dataclass(frozen=True)
+class Emulator:
+    url: str
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User + sys CPU the emulator's process has used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
-def emulator(*flags: str) -> Iterator[str]:
-    """Run `sessions-export emulator` in its own process; yields its base URL."""
+def emulator_process(*flags: str) -> Iterator[Emulator]:
+    """Run `sessions-export emulator` in its own process; yields its URL and process id."""
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "emulator", "--port", "0", *flags],
         stdout=subprocess.PIPE,
@@ -36,10 +47,17 @@ def emulator(*flags: str) -> Iterator[str]:
         line = process.stdout.readline() if process.stdout else ""
         if "http://" not in line:
             raise RuntimeError(f"emulator did not start: {line!r}")
-        yield "http://" + line.split("http://", 1)[1].split()[0]
+        yield Emulator("http://" + line.split("http://", 1)[1].split()[0], process.pid)
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@contextmanager
+def emulator(*flags: str) -> Iterator[str]:
+    """Run `sessions-export emulator` in its own process; yields its base URL."""
+    with emulator_process(*flags) as running:
+        yield running.url
 
 
 def measure(command: list[str], env: dict[str, str] | None = None) -> Measured:
@@ -96,3 +114,11 @@ def write_results(name: str, rows: list[dict]) -> None:
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(rows, indent=2))
+
+
+def print_table(header: list[str], rows: list[list[object]]) -> None:
+    """A Markdown table on stdout, ready for bench/README.md."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")

@@ -80,7 +80,7 @@ class Settings:
         "where the checkpoint and lock live",
         shown="<output>/_state/",
     )
-    flush_rows: int = option(15_000, "rows buffered before a flush and its checkpoint")
+    flush_rows: int = option(10_000, "rows buffered before a flush and its checkpoint")
     flush_bytes: int = option(64 * 1024 * 1024, "buffered Arrow bytes that also force a flush")
     lookback: str = option(
         "15m", "incremental runs re-read sessions created this long before the high-water mark"

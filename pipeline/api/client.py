@@ -36,6 +36,7 @@ from tenacity import (
 
 from pipeline.api.auth import BRANCH_HEADER, check_branch, check_secret_key
 from pipeline.api.pacing import RateLimiter
+from pipeline.api.records import ListedSession, decode_list_body
 from pipeline.errors import ApiError, AuthError, QueryRejected, UsageError
 from pipeline.hosts import is_loopback
 
@@ -62,13 +63,39 @@ class ClientSettings:
     ca_bundle: str | None = None  # PEM file of the CAs to trust instead of the default ones
 
 
-@dataclass(frozen=True)
 class SessionPage:
-    """One page of the list: its sessions, the cursor to the next page, when it arrived."""
+    """One page of the list: its sessions, the cursor to the next page, when it arrived.
 
-    sessions: list[dict[str, Any]]
-    next_cursor: str | None
-    received_at_ms: int
+    A page decoded on the typed fast path holds `listed` (structs) and its raw `body`;
+    `sessions`, the same rows as plain dicts, is then decoded from the body on first use.
+    A page that did not fit the structs holds only `sessions`, and `listed` is None.
+    """
+
+    __slots__ = ("_sessions", "body", "listed", "next_cursor", "received_at_ms")
+
+    def __init__(
+        self,
+        sessions: list[dict[str, Any]] | None,
+        next_cursor: str | None,
+        received_at_ms: int,
+        *,
+        listed: list[ListedSession] | None = None,
+        body: bytes | None = None,
+    ) -> None:
+        if sessions is None and (listed is None or body is None):
+            raise ValueError("a page needs its sessions, or its typed rows and raw body")
+        self._sessions = sessions
+        self.next_cursor = next_cursor
+        self.received_at_ms = received_at_ms
+        self.listed = listed
+        self.body = body
+
+    @property
+    def sessions(self) -> list[dict[str, Any]]:
+        if self._sessions is None:
+            assert self.body is not None
+            self._sessions = orjson.loads(self.body)["data"]
+        return self._sessions
 
 
 class TransientError(Exception):
@@ -198,9 +225,9 @@ class TriggerClient:
 
     def list_sessions(self, params: dict[str, str]) -> SessionPage:
         """One page of `GET /api/v1/sessions` with exactly these query params."""
-        body, received_ms = self._send("GET", SESSIONS_PATH, params, parse=_parse_list_body)
-        sessions, next_cursor = body
-        return SessionPage(sessions, next_cursor, received_ms)
+        parsed, received_ms = self._send("GET", SESSIONS_PATH, params, parse=_parse_list_body)
+        sessions, listed, body, next_cursor = parsed
+        return SessionPage(sessions, next_cursor, received_ms, listed=listed, body=body)
 
     def get_session(self, session_id: str) -> dict[str, Any] | None:
         """One session with its triggerConfig, or None when the API does not know it."""
@@ -279,7 +306,7 @@ class TriggerClient:
         should_retry = response.headers.get("x-should-retry")
         if 200 <= status < 300:
             try:
-                return parse(orjson.loads(response.content))
+                return parse(response.content)
             except (orjson.JSONDecodeError, ValueError, TypeError) as error:
                 raise TransientError(f"unusable {status} body: {error}") from None
         detail = _error_detail(response)
@@ -299,7 +326,22 @@ class TriggerClient:
         raise ApiError(f"unexpected HTTP {status} from {response.request.url.path}: {detail}")
 
 
-def _parse_list_body(body: Any) -> tuple[list[dict[str, Any]], str | None]:
+_ParsedList = tuple[
+    list[dict[str, Any]] | None, list[ListedSession] | None, bytes | None, str | None
+]
+
+
+def _parse_list_body(content: bytes) -> _ParsedList:
+    """The typed fast path when the body fits it, else the generic one (same checks)."""
+    typed = decode_list_body(content)
+    if typed is not None:
+        listed, next_cursor = typed
+        return None, listed, content, next_cursor
+    sessions, next_cursor = _check_list_body(orjson.loads(content))
+    return sessions, None, None, next_cursor
+
+
+def _check_list_body(body: Any) -> tuple[list[dict[str, Any]], str | None]:
     if not isinstance(body, dict) or not isinstance(body.get("data"), list):
         raise ValueError("response has no `data` list")
     sessions = body["data"]
@@ -317,7 +359,8 @@ def _parse_list_body(body: Any) -> tuple[list[dict[str, Any]], str | None]:
     return sessions, next_cursor
 
 
-def _parse_session_body(body: Any) -> dict[str, Any]:
+def _parse_session_body(content: bytes) -> dict[str, Any]:
+    body = orjson.loads(content)
     if not isinstance(body, dict) or not isinstance(body.get("id"), str):
         raise ValueError("response is not a session object")
     return body

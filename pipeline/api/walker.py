@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pipeline.api.client import PAGE_SIZE, SessionPage
+from pipeline.api.records import ListedSession
 from pipeline.errors import ApiError, CursorLoop
 
 T = TypeVar("T")
@@ -71,6 +72,8 @@ class WalkedPage:
     sessions: list[Session]  # rows new to this walk, inside the listing
     state: WalkState  # the walk after this page: what a checkpoint stores
     received_at_ms: int
+    # the page's rows as typed structs by id, when its body fitted the typed fast path
+    typed: dict[str, ListedSession] | None = None
 
 
 def _epoch_ms(text: str) -> int:
@@ -234,7 +237,8 @@ def walk_listing(
         page = fetch(params)
         last_cursor = page.next_cursor
         sessions, state = strategy.advance(state, page, floor_ms)
-        yield WalkedPage(sessions, state, page.received_at_ms)
+        typed = None if page.listed is None else {row.id: row for row in page.listed}
+        yield WalkedPage(sessions, state, page.received_at_ms, typed)
 
 
 _END = object()

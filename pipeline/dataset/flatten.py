@@ -1,14 +1,21 @@
-"""Flatten API session objects into Arrow tables of the `sessions` schema, column by column.
+"""Flatten API sessions into Arrow tables of the `sessions` schema, column by column.
 
-Values are gathered per column and converted in bulk by Arrow; only a column whose bulk
-conversion fails takes the per-value path, where a value of the wrong type becomes null in
-its column and is kept, as received, in `extra` — nothing is dropped and nothing crashes.
+Two inputs, one table: `flatten_sessions` takes sessions as plain dicts (any shape the API
+sends), `flatten_listed` takes the typed rows of a list page (`pipeline.api.records`),
+whose values already have their column's type and whose JSON subtrees are still the text
+the API sent. Values are gathered per column and converted in bulk by Arrow; only a column
+whose bulk conversion fails takes the per-value path, where a value of the wrong type (or
+out of range) becomes null in its column and is kept, as received, in `extra` — nothing is
+dropped and nothing crashes.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from itertools import accumulate
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -72,6 +79,111 @@ def flatten_sessions(sessions: list[Session], extracted_at_ms: int, run_id: str)
     arrays.append(pa.repeat(pa.scalar(extracted_at_ms, TIMESTAMP), count))
     arrays.append(pa.repeat(pa.scalar(run_id, pa.string()), count))
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def flatten_listed(listed: Sequence[Any], extracted_at_ms: int, run_id: str) -> pa.Table:
+    """The same table as `flatten_sessions`, from typed list rows: attributes named as the
+    API's fields, values already of their column's type, `metadata` and `basePayload` the
+    raw JSON text the API sent (kept as is), `triggerConfig` an object or absent."""
+    count = len(listed)
+    if not count:
+        return SCHEMA.empty_table()
+    extras: Extras = [None] * count
+    built = _TOP_LEVEL.build(listed, extras)
+    configs = [s.triggerConfig for s in listed]
+    if any(hasattr(c, _BASE_PAYLOAD) for c in configs):
+        present = [c if hasattr(c, _BASE_PAYLOAD) else None for c in configs]
+        built.update(_TRIGGER_CONFIG.build(present, extras))
+    else:
+        built.update((c.name, pa.nulls(count, c.type)) for c in TRIGGER_CONFIG_COLUMNS)
+    if any(e is not None for e in extras):
+        built["extra"] = pa.array([None if e is None else dumps_json(e) for e in extras])
+    else:
+        built["extra"] = pa.nulls(count, pa.string())
+    built["extracted_at"] = pa.repeat(pa.scalar(extracted_at_ms, TIMESTAMP), count)
+    built["run_id"] = pa.repeat(pa.scalar(run_id, pa.string()), count)
+    return pa.Table.from_arrays([built[name] for name in SCHEMA.names], schema=SCHEMA)
+
+
+class _TypedGroup:
+    """Columns read from one kind of typed object (a session, or its triggerConfig), built
+    with a few bulk conversions per page instead of one or two per column."""
+
+    def __init__(self, columns: Sequence[Column]) -> None:
+        self.plain = [c for c in columns if c.kind != "json"]
+        self.json = [c for c in columns if c.kind == "json"]
+        self.values = attrgetter(*(c.source for c in self.plain))
+        # timestamps stay text here: one cast for all of them afterwards
+        self.struct = pa.struct(
+            [(c.name, pa.string() if c.kind == "timestamp" else c.type) for c in self.plain]
+        )
+
+    def build(self, objects: Sequence[Any | None], extras: Extras) -> dict[str, pa.Array]:
+        rows = [None if o is None else self.values(o) for o in objects]
+        built: dict[str, pa.Array] = {}
+        try:
+            children = pa.array(rows, self.struct).flatten()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            # an int out of its column's range: column by column, the culprit into `extra`
+            for index, column in enumerate(self.plain):
+                values = [None if r is None else r[index] for r in rows]
+                built[column.name] = _build_typed(column, values, extras)
+        else:
+            stamps = [
+                (c, a) for c, a in zip(self.plain, children, strict=True) if c.kind == "timestamp"
+            ]
+            built.update((c.name, a) for c, a in zip(self.plain, children, strict=True))
+            built.update(_cast_timestamps(stamps, extras))
+        for column in self.json:
+            source = attrgetter(column.source)
+            raws = [_NULL_TEXT if o is None else source(o) for o in objects]
+            built[column.name] = _json_texts(column, raws)
+        return built
+
+
+def _cast_timestamps(
+    stamps: list[tuple[Column, pa.Array]], extras: Extras
+) -> list[tuple[str, pa.Array]]:
+    """ISO-8601 text columns to timestamps: one cast for all, else column by column."""
+    if not stamps:
+        return []
+    try:
+        joined = pa.concat_arrays([a for _, a in stamps]).cast(TIMESTAMP)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return [(c.name, _build_typed(c, a.to_pylist(), extras)) for c, a in stamps]
+    length = len(stamps[0][1])
+    return [(c.name, joined.slice(i * length, length)) for i, (c, _) in enumerate(stamps)]
+
+
+def _json_texts(column: Column, raws: list[Any]) -> pa.Array:
+    """Raw JSON texts (buffers) as one string array, JSON null as a null: one copy, no
+    per-value conversion."""
+    offsets = pa.array(list(accumulate(map(len, raws), initial=0)), pa.int32()).buffers()[1]
+    data = pa.py_buffer(b"".join(raws))
+    texts = pa.StringArray.from_buffers(len(raws), offsets, data)
+    try:
+        texts.validate(full=True)  # UTF-8, which the typed decoder leaves unchecked
+    except pa.ArrowInvalid:
+        raise MalformedSession(f"session field {column.source_label!r} is not UTF-8") from None
+    valid = pa.array([len(r) != 4 or bytes(r) != _NULL_TEXT for r in raws]).buffers()[1]
+    return pa.StringArray.from_buffers(len(raws), offsets, data, valid)
+
+
+def _build_typed(column: Column, values: Sequence[Any], extras: Extras) -> pa.Array:
+    """One column of typed values in bulk; what Arrow refuses takes the per-value path."""
+    try:
+        if column.kind == "timestamp":
+            return pa.array(values, pa.string()).cast(TIMESTAMP)
+        return pa.array(values, column.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        # a timestamp Arrow cannot cast, an int out of the column's range
+        return _build_slowly(column, list(values), extras)
+
+
+_BASE_PAYLOAD = "basePayload"
+_NULL_TEXT = b"null"
+_TOP_LEVEL = _TypedGroup(TOP_LEVEL_COLUMNS)
+_TRIGGER_CONFIG = _TypedGroup(TRIGGER_CONFIG_COLUMNS)
 
 
 def _trigger_configs(sessions: list[Session], extras: Extras) -> list[Session | None]:

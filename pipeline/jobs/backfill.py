@@ -388,7 +388,9 @@ class BackfillRun:
                         window.oldest_seen_ms = min(created_ms(s) for s in sessions)
                     window.walked_rows += len(sessions)
                     self.rows_seen += len(sessions)
-                table, _ = rows.prepare(sessions, page.received_at_ms, self.state.run_id, None)
+                table, _ = rows.prepare(
+                    sessions, page.received_at_ms, self.state.run_id, None, typed=page.typed
+                )
                 writer.page()
                 writer.add(table)
                 if finished:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.api.client import PAGE_SIZE, TriggerClient
+from pipeline.api.records import ListedSession
 from pipeline.dataset.flatten import parse_timestamp_ms
 from pipeline.dataset.layout import day_of, file_rows, files_by_partition, version_keys
 from pipeline.jobs.core import (
@@ -102,7 +104,9 @@ class ChangeCapture:
             cost.pages += 1
             writer.page()
             active.add(active_rows_of(page.sessions))
-            self._write(writer, page.sessions, page.received_at_ms, run_id, known, cost)
+            self._write(
+                writer, page.sessions, page.received_at_ms, run_id, known, cost, typed=page.typed
+            )
 
         now_live = pq.read_table(pa.BufferReader(active.finish()), columns=["id"])["id"]
         gone = pc.invert(pc.is_in(self.previous["id"], value_set=now_live))
@@ -140,7 +144,9 @@ class ChangeCapture:
                     writer.page()
                     mine = [s for s in page.sessions if s["id"] in remaining]
                     remaining.difference_update(s["id"] for s in mine)
-                    self._write(writer, mine, page.received_at_ms, run_id, known, cost)
+                    self._write(
+                        writer, mine, page.received_at_ms, run_id, known, cost, typed=page.typed
+                    )
         else:
             cost.strategy = "get each"
         if remaining:
@@ -160,11 +166,14 @@ class ChangeCapture:
         known: KnownVersions,
         cost: PartCost,
         listed: bool = True,
+        typed: Mapping[str, ListedSession] | None = None,
     ) -> None:
         """Write the sessions whose version is not held yet (`known` learns them)."""
         if not sessions:
             return
-        table, unchanged = self.rows.prepare(sessions, received_ms, run_id, known, listed=listed)
+        table, unchanged = self.rows.prepare(
+            sessions, received_ms, run_id, known, listed=listed, typed=typed
+        )
         cost.unchanged += unchanged
         cost.rows += table.num_rows
         writer.add(table, unchanged)

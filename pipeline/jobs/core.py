@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from pipeline.api.client import RequestStats, TriggerClient
 from pipeline.api.filters import FILTER_PARAMS
+from pipeline.api.records import ListedSession, has_trigger_config
 from pipeline.api.walker import (
     Listing,
     WalkedPage,
@@ -31,7 +32,12 @@ from pipeline.api.walker import (
     prefetched,
     walk_listing,
 )
-from pipeline.dataset.flatten import MalformedSession, flatten_sessions, parse_timestamp_ms
+from pipeline.dataset.flatten import (
+    MalformedSession,
+    flatten_listed,
+    flatten_sessions,
+    parse_timestamp_ms,
+)
 from pipeline.dataset.layout import MS_PER_DAY, partition_of
 from pipeline.dataset.manifest import RunManifest, iso_ms
 from pipeline.dataset.sink import ParquetSink
@@ -133,24 +139,50 @@ class RowPreparer:
         *,
         remember: bool = True,
         listed: bool = True,
+        typed: Mapping[str, ListedSession] | None = None,
     ) -> tuple[pa.Table, int]:
         """(rows to write, how many versions were held already).
 
         `known` learns the written versions unless `remember` is off (a listing that cannot
         repeat a row); `listed` is off for sessions read one by one (they carry their config).
+        `typed`: the page's rows as typed structs, flattened on the fast path when none of
+        them needs its configuration filled.
         """
         fresh = sessions
         if known is not None:
             fresh, keys = known.fresh(sessions)
             if remember:
                 known.add(keys)
-        if self.filler is not None and listed and fresh:
-            fresh = self.filler.fill(fresh)
         try:
+            rows = self._typed_rows(fresh, typed, listed)
+            if rows is not None:
+                return flatten_listed(rows, received_ms, run_id), len(sessions) - len(fresh)
+            if self.filler is not None and listed and fresh:
+                fresh = self.filler.fill(fresh)
             table = flatten_sessions(fresh, received_ms, run_id)
         except MalformedSession as error:
             raise ApiError(f"the API returned an unusable session: {error}") from None
         return table, len(sessions) - len(fresh)
+
+    def _typed_rows(
+        self,
+        sessions: list[Session],
+        typed: Mapping[str, ListedSession] | None,
+        listed: bool,
+    ) -> list[ListedSession] | None:
+        """The typed structs of `sessions`, or None where the dict path must run (no structs,
+        or rows whose configuration the filler must fetch)."""
+        if typed is None or not listed:
+            return None
+        rows = [typed.get(s["id"]) for s in sessions]
+        if any(row is None for row in rows):
+            return None
+        filler = self.filler
+        if filler is not None and not filler.lists_carry_config:
+            filler.lists_carry_config = any(has_trigger_config(r) for r in rows)  # type: ignore[arg-type]
+            if not filler.lists_carry_config and rows:
+                return None
+        return rows  # type: ignore[return-value]
 
 
 # -- the flushing writer ------------------------------------------------------------------------

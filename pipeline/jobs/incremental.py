@@ -63,7 +63,7 @@ class RunOptions:
     track_active: bool = True
     enrich_trigger_config: bool = True
     enrich_concurrency: int = 8
-    flush_rows: int = 15_000
+    flush_rows: int = 10_000
     flush_bytes: int = 64 * 1024 * 1024
     full_refresh: bool = False
 
@@ -224,7 +224,12 @@ class IncrementalRun:
                 self._max_created = max(self._max_created or newest, newest)
             # the keyset walk never returns a row twice, so `known` need not learn the window's
             table, unchanged = self.rows.prepare(
-                sessions, page.received_at_ms, progress.run_id, known, remember=False
+                sessions,
+                page.received_at_ms,
+                progress.run_id,
+                known,
+                remember=False,
+                typed=page.typed,
             )
             if capture and sessions:
                 live = [s for s in sessions if derived_status(s, now) == "ACTIVE"]

@@ -1,0 +1,78 @@
+"""The typed fast path of a list body: sessions decoded straight into structs.
+
+msgspec decodes a page into `ListedSession` structs in one pass, leaving `metadata` and
+`triggerConfig.basePayload` as the JSON text the API sent (`msgspec.Raw`): nothing is built
+only to be serialised again. A body these structs do not describe exactly (a value of
+another type, a field they do not name, a null where a string is required) is not forced
+into them: `decode_list_body` answers None and the caller takes the generic path, which
+keeps such values in `extra` (or rejects the body) exactly as before.
+
+The field names and kinds mirror `pipeline.dataset.schema`; a test checks that they match.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+UNSET = msgspec.UNSET  # a field the row leaves out
+JSON_NULL = b"null"
+_NULL = msgspec.Raw(JSON_NULL)
+
+
+class ListedTriggerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    basePayload: msgspec.Raw = _NULL
+    machine: str | None = None
+    queue: str | None = None
+    tags: list[str] | None = None
+    maxAttempts: int | None = None
+    maxDuration: int | None = None
+    lockToVersion: str | None = None
+    region: str | None = None
+    idleTimeoutInSeconds: int | None = None
+
+
+class ListedSession(msgspec.Struct, forbid_unknown_fields=True):
+    """One list row; `triggerConfig` is UNSET when the row leaves it out (not null)."""
+
+    id: str
+    createdAt: str
+    type: str | None = None
+    taskIdentifier: str | None = None
+    tags: list[str] | None = None
+    externalId: str | None = None
+    currentRunId: str | None = None
+    metadata: msgspec.Raw = _NULL
+    updatedAt: str | None = None
+    closedAt: str | None = None
+    closedReason: str | None = None
+    expiresAt: str | None = None
+    triggerConfig: ListedTriggerConfig | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class _Pagination(msgspec.Struct):
+    next: str | None = None
+
+
+class _ListBody(msgspec.Struct):
+    data: list[ListedSession]
+    pagination: _Pagination | None = None
+
+
+_DECODER = msgspec.json.Decoder(_ListBody)
+
+
+def decode_list_body(content: bytes) -> tuple[list[ListedSession], str | None] | None:
+    """The page's sessions and next cursor, or None when the typed structs do not fit."""
+    try:
+        body = _DECODER.decode(content)
+    except msgspec.DecodeError:  # ValidationError included
+        return None
+    next_cursor = body.pagination.next if body.pagination is not None else None
+    if next_cursor == "":
+        return None  # the generic path names what is wrong with it
+    return body.data, next_cursor
+
+
+def has_trigger_config(session: ListedSession) -> bool:
+    """Whether the row carries a triggerConfig object (not left out, not null)."""
+    return isinstance(session.triggerConfig, ListedTriggerConfig)
