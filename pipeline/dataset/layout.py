@@ -115,9 +115,7 @@ def iter_batches(
     storage: Storage, path: str, columns: list[str] | None = None, rows: int = 65_536
 ) -> Iterator[pa.RecordBatch]:
     """One file in record batches of at most `rows`: memory stays flat with file size."""
-    with storage.fs.open_input_file(storage.full_path(path)) as handle:
-        parquet = pq.ParquetFile(handle)
-        yield from parquet.iter_batches(batch_size=rows, columns=columns)
+    return storage.iter_batches(path, columns, rows)
 
 
 def latest_versions(table: pa.Table) -> pa.Table:

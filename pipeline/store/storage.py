@@ -267,6 +267,19 @@ class Storage:
                 f"cannot read {self.display(path)}: {_describe(error, self.uri)}"
             ) from None
 
+    def iter_batches(
+        self, path: str, columns: list[str] | None = None, rows: int = 65_536
+    ) -> Iterator[pa.RecordBatch]:
+        """One Parquet file in record batches of at most `rows`; unreadable is a
+        `StorageError` (memory stays flat with the file's size)."""
+        try:
+            with self.fs.open_input_file(self.full_path(path)) as handle:
+                yield from pq.ParquetFile(handle).iter_batches(batch_size=rows, columns=columns)
+        except (OSError, pa.ArrowException) as error:
+            raise StorageError(
+                f"cannot read {self.display(path)}: {_describe(error, self.uri)}"
+            ) from None
+
     def read_footer(self, path: str) -> pq.FileMetaData:
         """One Parquet file's footer (schema, rows, row groups); unreadable is a `StorageError`."""
         try:
