@@ -60,7 +60,7 @@ class StoredVersions:
 
     def unseen(self, table: pa.Table) -> pa.BooleanArray:
         """For each row (`id`, `created_at`, `updated_at`): True if its version is not stored."""
-        if table.num_rows == 0 or self._nothing_stored():
+        if table.num_rows == 0 or self.nothing_stored():
             return pa.array([True] * table.num_rows, pa.bool_())
         keys = version_keys(table).to_pylist()
         days = pc.divide(table["created_at"].cast(pa.int64()), MS_PER_DAY).to_pylist()
@@ -69,13 +69,14 @@ class StoredVersions:
     def unseen_keys(self, keys: list[str], day_numbers: list[int]) -> list[bool]:
         """For each version key (`id|updated-ms`) with its createdAt day (days since the
         epoch): True if the partition of that day does not hold it."""
-        if self._nothing_stored():
+        if self.nothing_stored():
             return [True] * len(keys)
         return [
             key not in self._partition(day) for key, day in zip(keys, day_numbers, strict=True)
         ]
 
-    def _nothing_stored(self) -> bool:
+    def nothing_stored(self) -> bool:
+        """Whether the dataset holds no file at all (a first export)."""
         if self._files is None:
             self._files = files_by_partition(self.output)
         return not self._files

@@ -108,11 +108,14 @@ class KnownVersions:
         (a resumed run rewrites those under the same names, so their rows must be written)."""
         return cls(StoredVersions(storage, window.from_ms, window.to_ms, skip_run))
 
-    def add(self, keys: pa.Array) -> None:
+    def add(self, keys: pa.Array | _LazyKeys) -> None:
         self._held.update(keys.to_pylist())
 
-    def fresh(self, sessions: list[Session]) -> tuple[list[Session], pa.Array]:
+    def fresh(self, sessions: list[Session]) -> tuple[list[Session], pa.Array | _LazyKeys]:
         """The sessions whose version is not held yet, and the version keys of those."""
+        if not self._held and (self._stored is None or self._stored.nothing_stored()):
+            # nothing to compare with (a first export): no keys to build, page after page
+            return list(sessions), _LazyKeys(sessions)
         keys = [session_version(s) for s in sessions]
         new = [key not in self._held for key in keys]
         if self._stored is not None and any(new):
@@ -121,6 +124,16 @@ class KnownVersions:
             new = [a and b for a, b in zip(new, unseen, strict=True)]
         fresh = [s for s, keep in zip(sessions, new, strict=True) if keep]
         return fresh, pa.array([k for k, keep in zip(keys, new, strict=True) if keep], pa.string())
+
+
+class _LazyKeys:
+    """Version keys of sessions, built only if someone asks for them."""
+
+    def __init__(self, sessions: list[Session]) -> None:
+        self.sessions = sessions
+
+    def to_pylist(self) -> list[str]:
+        return [session_version(s) for s in self.sessions]
 
 
 class RowPreparer:
