@@ -19,6 +19,7 @@ import pytest
 from pipeline.dataset.load import LoadedRun
 from pipeline.dataset.load_postgres import PostgresTarget, dsn_keys
 from pipeline.dataset.schema import SCHEMA
+from pipeline.errors import StorageError
 from tests.conftest import KEY, ROOT, api, emulator_sessions, latest_rows, read_dataset, run_cli
 from tests.postgres_server import PASSWORD, USER, find_binaries, postgres_server
 
@@ -328,6 +329,26 @@ def test_copy_round_trips_awkward_values(server, database, monkeypatch):
         for name in JSON_COLUMNS:
             want[name] = None if want[name] is None else json.loads(want[name])
         assert stored[row["id"]] == want
+
+
+def test_a_failed_staging_copy_is_one_error_and_leaves_nothing(server, database, monkeypatch):
+    for name, value in server.env(database).items():
+        monkeypatch.setenv(name, value)
+    at = datetime(2026, 3, 4, tzinfo=UTC)
+    row = {f.name: None for f in SCHEMA} | {"created_at": at, "extracted_at": at, "run_id": "r"}
+    good, bad = (pa.Table.from_pylist([row | {"id": sid, "metadata": text}], SCHEMA)
+                 .append_column("created_date", pa.array([at.date()], pa.date32()))
+                 for sid, text in (("s1", "{}"), ("s2", "{not json")))
+    target = PostgresTarget(None, "public", "sessions")
+    target.open()
+    with pytest.raises(StorageError, match="invalid input syntax for type json") as error:
+        for partition in (good, bad, good, good, good, good):
+            target.stage(partition)
+        target.merge()
+    assert "\n" not in str(error.value)
+    target.close()
+    assert query(server, database, "SELECT to_regclass('sessions'), "
+                 "to_regclass('sessions_export_stage')") == [(None, None)]
 
 
 @pytest.mark.parametrize(("command", "module", "package", "extra"), [
