@@ -19,6 +19,7 @@ import pytest
 from pipeline.dataset.load import LoadedRun
 from pipeline.dataset.load_postgres import PostgresTarget, dsn_keys
 from pipeline.dataset.schema import SCHEMA
+from pipeline.errors import StorageError
 from tests.conftest import KEY, ROOT, api, emulator_sessions, latest_rows, read_dataset, run_cli
 from tests.postgres_server import PASSWORD, USER, find_binaries, postgres_server
 
@@ -186,7 +187,8 @@ def test_load_after_compact_with_a_dsn_schema_and_table(emulator, tmp_path, serv
         assert_table_matches_parquet(rows, output)
         assert query(server, database,
                      "SELECT count(*) FROM analytics.sessions_prod_export_loads") == [(2,)]
-        assert query(server, database, "SELECT to_regclass('public.sessions')") == [(None,)]
+        assert query(server, database, "SELECT to_regclass('public.sessions'), "
+                     "to_regclass('analytics.sessions_prod_export_stage')") == [(None, None)]
 
 
 def test_a_killed_load_leaves_the_table_as_it_was(emulator, tmp_path, server, database):
@@ -227,11 +229,16 @@ def test_a_killed_load_leaves_the_table_as_it_was(emulator, tmp_path, server, da
     watch.close()
     assert table_rows(server, database) == before
     assert query(server, database, "SELECT count(*) FROM sessions_export_loads") == [(1,)]
+    # the staged rows outlive the killed load in its unlogged scratch table…
+    assert query(server, database, "SELECT relpersistence::text FROM pg_class "
+                 "WHERE oid = to_regclass('sessions_export_stage')") == [("u",)]
 
     resumed = load_pg(server, database, output)
     assert resumed.returncode == 0, resumed.stderr
     assert "1 new runs" in resumed.stdout and "20 updated" in resumed.stdout
     assert_table_matches_parquet(table_rows(server, database), output)
+    # …until the next load drops it
+    assert query(server, database, "SELECT to_regclass('sessions_export_stage')") == [(None,)]
 
 
 def test_a_password_never_shows(tmp_path, server, database):
@@ -265,6 +272,25 @@ def test_an_existing_table_with_other_columns_is_refused(tmp_path, server, datab
 
     missing = load_pg(server, database, tmp_path / "out", "--schema", "nowhere")
     assert missing.returncode == 2 and "schema nowhere does not exist" in missing.stderr
+
+
+def test_a_new_table_gets_its_key_even_with_nothing_to_load(tmp_path, server, database):
+    result = load_pg(server, database, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "nothing new" in result.stdout
+    assert query(server, database, "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON "
+                 "a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+                 "WHERE i.indrelid = 'sessions'::regclass AND i.indisprimary") == [("id",)]
+
+
+def test_a_table_of_the_scratch_name_that_is_not_scratch_is_kept(tmp_path, server, database):
+    with psycopg.connect(server.conninfo(database)) as con:
+        con.execute("CREATE TABLE sessions_export_stage (note text)")
+        con.execute("INSERT INTO sessions_export_stage VALUES ('keep me')")
+    result = load_pg(server, database, tmp_path / "out")
+    assert result.returncode == 2, result
+    assert "sessions_export_stage exists and is not a scratch table" in result.stderr
+    assert query(server, database, "SELECT note FROM sessions_export_stage") == [("keep me",)]
 
 
 def test_copy_round_trips_awkward_values(server, database, monkeypatch):
@@ -303,6 +329,26 @@ def test_copy_round_trips_awkward_values(server, database, monkeypatch):
         for name in JSON_COLUMNS:
             want[name] = None if want[name] is None else json.loads(want[name])
         assert stored[row["id"]] == want
+
+
+def test_a_failed_staging_copy_is_one_error_and_leaves_nothing(server, database, monkeypatch):
+    for name, value in server.env(database).items():
+        monkeypatch.setenv(name, value)
+    at = datetime(2026, 3, 4, tzinfo=UTC)
+    row = {f.name: None for f in SCHEMA} | {"created_at": at, "extracted_at": at, "run_id": "r"}
+    good, bad = (pa.Table.from_pylist([row | {"id": sid, "metadata": text}], SCHEMA)
+                 .append_column("created_date", pa.array([at.date()], pa.date32()))
+                 for sid, text in (("s1", "{}"), ("s2", "{not json")))
+    target = PostgresTarget(None, "public", "sessions")
+    target.open()
+    with pytest.raises(StorageError, match="invalid input syntax for type json") as error:
+        for partition in (good, bad, good, good, good, good):
+            target.stage(partition)
+        target.merge()
+    assert "\n" not in str(error.value)
+    target.close()
+    assert query(server, database, "SELECT to_regclass('sessions'), "
+                 "to_regclass('sessions_export_stage')") == [(None, None)]
 
 
 @pytest.mark.parametrize(("command", "module", "package", "extra"), [
