@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.dataset.layout import DataFile, files_by_partition, latest_versions
+from pipeline.dataset.layout import DataFile, files_by_partition, latest_versions, partition_of
 from pipeline.dataset.manifest import read_manifests
 from pipeline.dataset.schema import COLUMNS, PARTITION_KEY, SCHEMA
 from pipeline.errors import UsageError
@@ -168,7 +168,7 @@ def files_to_read(
     listed: dict[str, set[str]] = {}
     for manifest in manifests:
         for path in manifest.get("files", []):
-            partition = path.split("/")[1].split("=", 1)[1]
+            partition = partition_of(path)
             listed.setdefault(partition, set()).add(path)
     plan = {}
     for partition, paths in sorted(listed.items()):
