@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from pipeline.dataset.flatten import parse_timestamp_ms
 from pipeline.errors import UsageError
 from pipeline.jobs.backfill import MIN_SPLIT_MS, plan_windows, split_point
+from pipeline.timestamps import parse_timestamp_ms
 from tests.conftest import (
     assert_dataset_equals,
     emulator_sessions,

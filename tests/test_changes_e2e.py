@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from pipeline.dataset.flatten import parse_timestamp_ms
+from pipeline.timestamps import parse_timestamp_ms
 from tests.conftest import (
     ROOT,
     api,

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 import pytest
 
-from pipeline.dataset.flatten import parse_timestamp_ms
+from pipeline.timestamps import parse_timestamp_ms
 from tests.conftest import (
     KEY,
     assert_dataset_equals,

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from pipeline.api.client import PAGE_SIZE, SessionPage
 from pipeline.api.records import ListedSession
 from pipeline.errors import ApiError, CursorLoop
+from pipeline.timestamps import parse_timestamp_ms
 
 T = TypeVar("T")
 Session = dict[str, Any]
@@ -76,13 +77,6 @@ class WalkedPage:
     typed: dict[str, ListedSession] | None = None
 
 
-def _epoch_ms(text: str) -> int:
-    stamp = datetime.fromisoformat(text)
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=UTC)  # the API writes UTC
-    return round(stamp.timestamp() * 1000)
-
-
 def _iso(epoch_ms: int) -> str:
     return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds")
 
@@ -90,7 +84,7 @@ def _iso(epoch_ms: int) -> str:
 def created_ms(session: Session) -> int:
     """`createdAt` in epoch ms (the API writes ISO-8601 UTC with milliseconds)."""
     try:
-        return _epoch_ms(session["createdAt"])
+        return parse_timestamp_ms(session["createdAt"])
     except (TypeError, ValueError):
         raise ApiError(
             f"session {session.get('id')!r} has an unusable createdAt {session.get('createdAt')!r}"
@@ -104,7 +98,7 @@ def derived_status(session: Session, now_ms: int) -> str:
     expires = session.get("expiresAt")
     if isinstance(expires, str):
         try:
-            if _epoch_ms(expires) <= now_ms:
+            if parse_timestamp_ms(expires) <= now_ms:
                 return "EXPIRED"
         except ValueError:
             pass

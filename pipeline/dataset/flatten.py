@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from itertools import accumulate
 from operator import attrgetter
 from typing import Any
@@ -31,6 +30,7 @@ from pipeline.dataset.schema import (
     TRIGGER_CONFIG_COLUMNS,
     Column,
 )
+from pipeline.timestamps import parse_timestamp_ms
 
 Session = dict[str, Any]
 Extras = list[dict[str, Any] | None]
@@ -46,15 +46,6 @@ def dumps_json(value: Any) -> str:
         return orjson.dumps(value).decode()
     except TypeError:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def parse_timestamp_ms(text: str) -> int:
-    """ISO-8601 text to epoch milliseconds (UTC when no offset is given)."""
-    parsed = datetime.fromisoformat(text)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    delta = parsed - datetime(1970, 1, 1, tzinfo=UTC)
-    return delta.days * 86_400_000 + delta.seconds * 1000 + delta.microseconds // 1000
 
 
 def flatten_sessions(sessions: list[Session], extracted_at_ms: int, run_id: str) -> pa.Table:

@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 
 from pipeline.api.client import PAGE_SIZE, TriggerClient
 from pipeline.api.records import ListedSession
-from pipeline.dataset.flatten import parse_timestamp_ms
 from pipeline.dataset.layout import day_of, file_rows, files_by_partition, version_keys
 from pipeline.jobs.core import (
     FlushingWriter,
@@ -35,6 +34,7 @@ from pipeline.jobs.core import (
 )
 from pipeline.store.state import ACTIVE_SCHEMA, ActiveSetBuilder, Window
 from pipeline.store.storage import Storage
+from pipeline.timestamps import parse_timestamp_ms
 
 log = logging.getLogger(__name__)
 

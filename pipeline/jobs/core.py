@@ -32,12 +32,7 @@ from pipeline.api.walker import (
     prefetched,
     walk_listing,
 )
-from pipeline.dataset.flatten import (
-    MalformedSession,
-    flatten_listed,
-    flatten_sessions,
-    parse_timestamp_ms,
-)
+from pipeline.dataset.flatten import MalformedSession, flatten_listed, flatten_sessions
 from pipeline.dataset.layout import MS_PER_DAY, partition_of
 from pipeline.dataset.manifest import RunManifest, iso_ms
 from pipeline.dataset.sink import ParquetSink
@@ -46,6 +41,7 @@ from pipeline.errors import ApiError
 from pipeline.jobs.enrich import TriggerConfigFiller
 from pipeline.store.state import Window
 from pipeline.store.storage import Storage
+from pipeline.timestamps import parse_timestamp_ms
 
 log = logging.getLogger(__name__)
 
