@@ -19,7 +19,6 @@ from pipeline.dataset.scan import scan_sessions
 from pipeline.dataset.schema import PARTITION_KEY
 from pipeline.errors import StorageError
 
-FORMATS = ("table", "json", "csv")
 TOP_TYPES = 3
 COLUMNS = ("created_date", "sessions", "versions", "active", "closed", "expired", "top_types")
 

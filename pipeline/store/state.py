@@ -74,8 +74,6 @@ class Checkpoint:
     filters: dict[str, str] = field(default_factory=dict)
     in_progress: RunProgress | None = None
     active_sessions: int = 0  # how many are in active.parquet beside the checkpoint
-    # sessions known to have no triggerConfig (not fetched again): id -> createdAt ms
-    without_trigger_config: dict[str, int] = field(default_factory=dict)
     version: int = STATE_VERSION
 
     def to_json(self) -> bytes:
@@ -101,7 +99,6 @@ class Checkpoint:
                 "last_success_ms",
                 "filters",
                 "active_sessions",
-                "without_trigger_config",
             )
             if k in raw
         }
