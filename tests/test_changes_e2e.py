@@ -109,3 +109,26 @@ def test_compact_killed_at_any_moment_never_loses_a_row(emulator, output):
     assert run_cli("compact", "--output", str(output)).returncode == 0
     assert read_dataset(output).num_rows == 20_000
     assert_dataset_equals(output, emulator_sessions(emu.url))
+
+
+def test_the_live_mask_derives_the_status_as_the_server_does():
+    from pipeline.api.walker import derived_status
+    from pipeline.dataset.flatten import flatten_sessions
+    from pipeline.jobs.capture import live_mask
+
+    now = parse_timestamp_ms("2026-06-01T00:00:00.000Z")
+    base = {"createdAt": "2026-05-01T00:00:00.000Z"}
+    sessions = [
+        {**base, "id": "open"},
+        {**base, "id": "closed", "closedAt": "2026-05-02T00:00:00.000Z"},
+        {**base, "id": "expired", "expiresAt": "2026-05-31T23:59:59.999Z"},
+        {**base, "id": "expires now", "expiresAt": "2026-06-01T00:00:00.000Z"},
+        {**base, "id": "expires later", "expiresAt": "2026-06-01T00:00:00.001Z"},
+        {**base, "id": "closed oddly", "closedAt": "not a time"},  # kept in `extra`
+        {**base, "id": "odd expiry", "expiresAt": "not a time"},  # never expires
+        {**base, "id": "closed as a number", "closedAt": 5, "other": {"closedAt": 1}},
+    ]
+    table = flatten_sessions(sessions, 0, "r")
+    expected = [derived_status(s, now) == "ACTIVE" for s in sessions]
+    assert live_mask(table, now).to_pylist() == expected
+    assert expected == [True, False, False, False, True, False, True, False]

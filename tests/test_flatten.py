@@ -6,7 +6,7 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from pipeline.api.client import _parse_list_body
+from pipeline.api.client import SessionPage, _parse_list_body
 from pipeline.dataset.flatten import (
     MalformedSession,
     flatten_listed,
@@ -145,10 +145,15 @@ def test_fractional_numbers_are_not_truncated_into_int_columns():
 
 def through_the_client(content: bytes, extracted_at_ms: int = 7, run_id: str = "r") -> pa.Table:
     """What a run makes of a list body: typed rows when they fit, else dicts."""
-    sessions, listed, _, _ = _parse_list_body(content)
-    if listed is not None:
-        return flatten_listed(listed, extracted_at_ms, run_id)
-    return flatten_sessions(sessions, extracted_at_ms, run_id)
+    received = client_page(content)
+    if received.listed is not None:
+        return flatten_listed(received.listed, extracted_at_ms, run_id)
+    return flatten_sessions(received.sessions, extracted_at_ms, run_id)
+
+
+def client_page(content: bytes) -> SessionPage:
+    sessions, keys, raw, following = _parse_list_body(content)
+    return SessionPage(sessions, following, 0, keys=keys, body=raw)
 
 
 def the_old_way(content: bytes, extracted_at_ms: int = 7, run_id: str = "r") -> pa.Table:
@@ -160,7 +165,7 @@ def page(*sessions) -> bytes:
 
 
 def listed_of(content: bytes):
-    return _parse_list_body(content)[1]
+    return client_page(content).listed
 
 
 def test_the_fast_path_is_taken_for_a_well_typed_page_and_matches():
@@ -359,3 +364,22 @@ def test_equivalence_on_generated_sessions_of_every_shape():
         table = through_the_client(content)
         assert table.equals(the_old_way(content)), (number, table.to_pylist())
     assert fast_pages >= 20  # both paths were exercised
+
+
+def test_rows_of_several_pages_keep_the_time_each_page_arrived():
+    rows = [{"id": name, "createdAt": "2026-01-01T00:00:00Z"} for name in "abc"]
+    listed = listed_of(page(*rows))
+    for table in (
+        flatten_listed(listed, [(2, 1_000), (0, 1_500), (1, 2_000)], "r"),
+        flatten_sessions(rows, [(2, 1_000), (0, 1_500), (1, 2_000)], "r"),
+    ):
+        assert table["extracted_at"].cast(pa.int64()).to_pylist() == [1_000, 1_000, 2_000]
+    with pytest.raises(ValueError, match="cover 2 rows, not 3"):
+        flatten_sessions(rows, [(2, 1_000)], "r")
+
+
+def test_the_runs_of_kept_rows():
+    from pipeline.jobs.core import _runs_of
+
+    assert _runs_of([(2, 10), (3, 20)], [True, False, False, True, True]) == [(1, 10), (2, 20)]
+    assert _runs_of([(2, 10)], None) == [(2, 10)] and _runs_of(5, [False]) == 5

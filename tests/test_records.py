@@ -12,6 +12,7 @@ from pipeline.api.records import (
     ListedSession,
     ListedTriggerConfig,
     decode_list_body,
+    decode_list_keys,
     has_trigger_config,
 )
 from pipeline.dataset.schema import (
@@ -112,26 +113,49 @@ def test_unusable_bodies_are_left_to_the_generic_path():
     assert decode_list_body(b'{"pagination":{}}') is None
 
 
-def test_the_client_keeps_the_raw_body_and_decodes_dicts_on_demand():
+def test_the_client_decodes_only_the_keys_and_the_rest_on_demand():
     content = body(SESSION)
-    sessions, listed, raw, next_cursor = _parse_list_body(content)
+    sessions, keys, raw, next_cursor = _parse_list_body(content)
     assert sessions is None and raw is content and next_cursor == "cur_1"
-    page = SessionPage(sessions, next_cursor, 7, listed=listed, body=raw)
-    assert page.listed == listed
+    assert [(k.id, k.createdAt, k.closedAt, k.expiresAt) for k in keys] == [
+        ("session_a", "2026-11-07T05:31:56.123Z", None, None)
+    ]
+    page = SessionPage(sessions, next_cursor, 7, keys=keys, body=raw)
+    assert page.listed == decode_list_body(content)[0]
+    assert page.listed is page.listed  # decoded once
     assert page.sessions == [SESSION]
     assert page.sessions is page.sessions  # decoded once, so changes made to it stay
 
 
-def test_the_client_falls_back_to_dicts_with_the_same_checks():
+def test_a_row_only_the_keys_fit_is_written_from_dicts():
     odd = {**SESSION, "type": 7}
-    sessions, listed, raw, _ = _parse_list_body(body(odd))
-    assert sessions == [odd] and listed is None and raw is None
+    sessions, keys, raw, _ = _parse_list_body(body(odd))
+    assert sessions is None and [k.id for k in keys] == ["session_a"]
+    page = SessionPage(sessions, None, 7, keys=keys, body=raw)
+    assert page.listed is None and page.sessions == [odd]
+
+
+def test_the_keys_decode_still_checks_the_whole_body():
+    assert decode_list_keys(b'{"data":[{"id":"a","createdAt":"x","metadata":{"a":}}]}') is None
+    assert decode_list_keys(b'{"data":[{"id":"a","createdAt":"x"}') is None  # truncated
+    assert decode_list_keys(b'{"data":[{"id":"a","createdAt":1}]}') is None
+    assert decode_list_keys(b'{"data":[],"pagination":{"next":""}}') is None
+    keys, following = decode_list_keys(b'{"data":[{"id":"a","createdAt":"x","new":[1]}]}')
+    assert [k.id for k in keys] == ["a"] and following is None
+
+
+def test_the_client_falls_back_to_dicts_with_the_same_checks():
+    odd = {**SESSION, "createdAt": 7}
+    with pytest.raises(ValueError, match="session_a has no `createdAt`"):
+        _parse_list_body(body(odd))
     with pytest.raises(ValueError, match="no string `id`"):
         _parse_list_body(body({**SESSION, "id": None}))
     with pytest.raises(ValueError, match="`pagination.next` is not a string"):
         _parse_list_body(b'{"data":[],"pagination":{"next":""}}')
     with pytest.raises(orjson.JSONDecodeError):
         _parse_list_body(b'{"data":[')
+    with pytest.raises(orjson.JSONDecodeError):  # malformed where the keys decode skips
+        _parse_list_body(b'{"data":[' + orjson.dumps(SESSION) + b'],"x":{"y":}}')
 
 
 def test_a_page_needs_its_sessions_or_its_body():

@@ -36,7 +36,7 @@ from tenacity import (
 
 from pipeline.api.auth import BRANCH_HEADER, check_branch, check_secret_key
 from pipeline.api.pacing import RateLimiter
-from pipeline.api.records import ListedSession, decode_list_body
+from pipeline.api.records import ListedKey, ListedSession, decode_list_body, decode_list_keys
 from pipeline.errors import ApiError, AuthError, QueryRejected, UsageError
 from pipeline.hosts import is_loopback
 
@@ -66,12 +66,13 @@ class ClientSettings:
 class SessionPage:
     """One page of the list: its sessions, the cursor to the next page, when it arrived.
 
-    A page decoded on the typed fast path holds `listed` (structs) and its raw `body`;
-    `sessions`, the same rows as plain dicts, is then decoded from the body on first use.
-    A page that did not fit the structs holds only `sessions`, and `listed` is None.
+    A body that fits the typed structs is kept raw with only its row `keys` decoded (what
+    the walk needs); `listed`, the rows as typed structs, and `sessions`, the rows as plain
+    dicts, are decoded from it on first use (`listed` is None when a row does not fit the
+    structs). A body that did not fit holds only `sessions`, and `keys` is None.
     """
 
-    __slots__ = ("_sessions", "body", "listed", "next_cursor", "received_at_ms")
+    __slots__ = ("_listed", "_sessions", "body", "keys", "next_cursor", "received_at_ms")
 
     def __init__(
         self,
@@ -79,16 +80,24 @@ class SessionPage:
         next_cursor: str | None,
         received_at_ms: int,
         *,
-        listed: list[ListedSession] | None = None,
+        keys: list[ListedKey] | None = None,
         body: bytes | None = None,
     ) -> None:
-        if sessions is None and (listed is None or body is None):
-            raise ValueError("a page needs its sessions, or its typed rows and raw body")
+        if sessions is None and (keys is None or body is None):
+            raise ValueError("a page needs its sessions, or its row keys and raw body")
         self._sessions = sessions
+        self._listed: list[ListedSession] | None | bool = False  # False: not decoded yet
         self.next_cursor = next_cursor
         self.received_at_ms = received_at_ms
-        self.listed = listed
+        self.keys = keys
         self.body = body
+
+    @property
+    def listed(self) -> list[ListedSession] | None:
+        if self._listed is False:
+            decoded = None if self.body is None else decode_list_body(self.body)
+            self._listed = None if decoded is None else decoded[0]
+        return self._listed  # type: ignore[return-value]
 
     @property
     def sessions(self) -> list[dict[str, Any]]:
@@ -226,8 +235,8 @@ class TriggerClient:
     def list_sessions(self, params: dict[str, str]) -> SessionPage:
         """One page of `GET /api/v1/sessions` with exactly these query params."""
         parsed, received_ms = self._send("GET", SESSIONS_PATH, params, parse=_parse_list_body)
-        sessions, listed, body, next_cursor = parsed
-        return SessionPage(sessions, next_cursor, received_ms, listed=listed, body=body)
+        sessions, keys, body, next_cursor = parsed
+        return SessionPage(sessions, next_cursor, received_ms, keys=keys, body=body)
 
     def get_session(self, session_id: str) -> dict[str, Any] | None:
         """One session with its triggerConfig, or None when the API does not know it."""
@@ -326,17 +335,16 @@ class TriggerClient:
         raise ApiError(f"unexpected HTTP {status} from {response.request.url.path}: {detail}")
 
 
-_ParsedList = tuple[
-    list[dict[str, Any]] | None, list[ListedSession] | None, bytes | None, str | None
-]
+_ParsedList = tuple[list[dict[str, Any]] | None, list[ListedKey] | None, bytes | None, str | None]
 
 
 def _parse_list_body(content: bytes) -> _ParsedList:
-    """The typed fast path when the body fits it, else the generic one (same checks)."""
-    typed = decode_list_body(content)
+    """The row keys when the body fits them (the rest is decoded later, see `SessionPage`),
+    else the generic decode (same checks)."""
+    typed = decode_list_keys(content)
     if typed is not None:
-        listed, next_cursor = typed
-        return None, listed, content, next_cursor
+        keys, next_cursor = typed
+        return None, keys, content, next_cursor
     sessions, next_cursor = _check_list_body(orjson.loads(content))
     return sessions, None, None, next_cursor
 

@@ -1,5 +1,10 @@
 """The typed fast path of a list body: sessions decoded straight into structs.
 
+Two decodes of one body, on two threads: the walk needs only each row's keys (`ListedKey`:
+id, createdAt, and what the status is derived from) and the next cursor before it can send
+the next request, so the fetching thread decodes just those; the whole rows are decoded
+later, by the thread that writes them.
+
 msgspec decodes a page into `ListedSession` structs in one pass, leaving `metadata` and
 `triggerConfig.basePayload` as the JSON text the API sent (`msgspec.Raw`): nothing is built
 only to be serialised again. A body these structs do not describe exactly (a value of
@@ -11,6 +16,8 @@ The field names and kinds mirror `pipeline.dataset.schema`; a test checks that t
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 
@@ -49,6 +56,16 @@ class ListedSession(msgspec.Struct, forbid_unknown_fields=True):
     triggerConfig: ListedTriggerConfig | None | msgspec.UnsetType = msgspec.UNSET
 
 
+class ListedKey(msgspec.Struct):
+    """What the walk reads of a list row; every other field is skipped (but still checked
+    to be well-formed JSON)."""
+
+    id: str
+    createdAt: str
+    closedAt: Any = None
+    expiresAt: Any = None
+
+
 class _Pagination(msgspec.Struct):
     next: str | None = None
 
@@ -58,13 +75,28 @@ class _ListBody(msgspec.Struct):
     pagination: _Pagination | None = None
 
 
+class _KeysBody(msgspec.Struct):
+    data: list[ListedKey]
+    pagination: _Pagination | None = None
+
+
 _DECODER = msgspec.json.Decoder(_ListBody)
+_KEYS_DECODER = msgspec.json.Decoder(_KeysBody)
+
+
+def decode_list_keys(content: bytes) -> tuple[list[ListedKey], str | None] | None:
+    """The page's row keys and next cursor, or None when the body does not fit them."""
+    return _decode(_KEYS_DECODER, content)
 
 
 def decode_list_body(content: bytes) -> tuple[list[ListedSession], str | None] | None:
     """The page's sessions and next cursor, or None when the typed structs do not fit."""
+    return _decode(_DECODER, content)
+
+
+def _decode(decoder: msgspec.json.Decoder, content: bytes) -> tuple[list, str | None] | None:
     try:
-        body = _DECODER.decode(content)
+        body = decoder.decode(content)
     except msgspec.DecodeError:  # ValidationError included
         return None
     next_cursor = body.pagination.next if body.pagination is not None else None

@@ -70,11 +70,59 @@ class WalkState:
 
 @dataclass(frozen=True)
 class WalkedPage:
-    sessions: list[Session]  # rows new to this walk, inside the listing
+    """One page of a walk: which of its rows are new to the walk inside the listing.
+
+    The rows stay as the page holds them (typed structs, or dicts when the body did not fit
+    them); `keep` indexes the new ones, `ids` and `created` (epoch ms) describe them.
+    """
+
+    page: SessionPage
+    keep: list[int]  # indices into the page's rows
+    ids: list[str]  # of the kept rows
+    created: list[int]  # createdAt (epoch ms) of the kept rows
     state: WalkState  # the walk after this page: what a checkpoint stores
-    received_at_ms: int
-    # the page's rows as typed structs by id, when its body fitted the typed fast path
-    typed: dict[str, ListedSession] | None = None
+
+    @property
+    def received_at_ms(self) -> int:
+        return self.page.received_at_ms
+
+    @property
+    def count(self) -> int:
+        return len(self.keep)
+
+    @property
+    def typed(self) -> list[ListedSession] | None:
+        """The kept rows as typed structs, or None when the page's body did not fit them."""
+        listed = self.page.listed
+        if listed is None:
+            return None
+        if len(self.keep) == len(listed):
+            return listed
+        return [listed[i] for i in self.keep]
+
+    @property
+    def sessions(self) -> list[Session]:
+        """The kept rows as plain dicts (decoded from the body on first use)."""
+        rows = self.page.sessions
+        if len(self.keep) == len(rows):
+            return rows
+        return [rows[i] for i in self.keep]
+
+    def only(self, wanted: set[str]) -> WalkedPage:
+        """The same page keeping only the rows whose id is in `wanted`."""
+        return self._narrowed([n for n, sid in enumerate(self.ids) if sid in wanted])
+
+    def since(self, from_ms: int) -> WalkedPage:
+        """The same page keeping only the rows created at or after `from_ms`."""
+        return self._narrowed([n for n, ms in enumerate(self.created) if ms >= from_ms])
+
+    def _narrowed(self, positions: list[int]) -> WalkedPage:
+        return replace(
+            self,
+            keep=[self.keep[n] for n in positions],
+            ids=[self.ids[n] for n in positions],
+            created=[self.created[n] for n in positions],
+        )
 
 
 def _iso(epoch_ms: int) -> str:
@@ -83,26 +131,51 @@ def _iso(epoch_ms: int) -> str:
 
 def created_ms(session: Session) -> int:
     """`createdAt` in epoch ms (the API writes ISO-8601 UTC with milliseconds)."""
+    return _created_ms(session.get("createdAt"), session.get("id"))
+
+
+def _created_ms(stamp: object, session_id: object) -> int:
     try:
-        return parse_timestamp_ms(session["createdAt"])
+        return parse_timestamp_ms(stamp)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ApiError(
-            f"session {session.get('id')!r} has an unusable createdAt {session.get('createdAt')!r}"
-        ) from None
+        raise ApiError(f"session {session_id!r} has an unusable createdAt {stamp!r}") from None
 
 
 def derived_status(session: Session, now_ms: int) -> str:
     """The status the server derives: closed, else expired by now, else active."""
-    if session.get("closedAt") is not None:
+    return status_of(session.get("closedAt"), session.get("expiresAt"), now_ms)
+
+
+def status_of(closed_at: object, expires_at: object, now_ms: int) -> str:
+    """`derived_status` from a row's `closedAt` and `expiresAt` as the API sent them."""
+    if closed_at is not None:
         return "CLOSED"
-    expires = session.get("expiresAt")
-    if isinstance(expires, str):
+    if isinstance(expires_at, str):
         try:
-            if parse_timestamp_ms(expires) <= now_ms:
+            if parse_timestamp_ms(expires_at) <= now_ms:
                 return "EXPIRED"
         except ValueError:
             pass
     return "ACTIVE"
+
+
+def _row_keys(page: SessionPage) -> tuple[list[str], list[int]]:
+    """Each row's id and createdAt (epoch ms), from the row keys when the page has them (no
+    dict is built), else from the dicts."""
+    if page.keys is not None:
+        ids = [row.id for row in page.keys]
+        stamps: list[object] = [row.createdAt for row in page.keys]
+    else:
+        ids = [session["id"] for session in page.sessions]
+        stamps = [session.get("createdAt") for session in page.sessions]
+    return ids, [_created_ms(stamp, sid) for stamp, sid in zip(stamps, ids, strict=True)]
+
+
+def _row_status(page: SessionPage, index: int, now_ms: int) -> str:
+    if page.keys is not None:
+        row = page.keys[index]
+        return status_of(row.closedAt, row.expiresAt, now_ms)
+    return derived_status(page.sessions[index], now_ms)
 
 
 class KeysetWalk:
@@ -135,31 +208,36 @@ class KeysetWalk:
 
     def advance(
         self, state: WalkState, page: SessionPage, floor_ms: int | None
-    ) -> tuple[list[Session], WalkState]:
+    ) -> tuple[WalkedPage, WalkState]:
         """The rows of `page` new to the walk, and the state for the next request."""
         met = set(state.seen)
-        fresh: list[Session] = []
+        ids, created = _row_keys(page)
+        keep: list[int] = []
         oldest: int | None = None
         at_oldest: list[str] = []
         rows_at_top = 0
-        for session in page.sessions:
-            created = created_ms(session)
-            if state.to_ms is not None and created > state.to_ms:
-                continue  # outside what was asked: not part of this listing
-            if state.to_ms is not None and created == state.to_ms:
+        top = state.to_ms
+        unfiltered = state.probe and self.status is not None
+        for index, (sid, stamp) in enumerate(zip(ids, created, strict=True)):
+            if top is not None and stamp >= top:
+                if stamp > top:
+                    continue  # outside what was asked: not part of this listing
                 rows_at_top += 1
-            if oldest is None or created < oldest:
-                oldest, at_oldest = created, [session["id"]]
-            elif created == oldest:
-                at_oldest.append(session["id"])
-            if session["id"] in met or (floor_ms is not None and created < floor_ms):
+            if oldest is None or stamp < oldest:
+                oldest, at_oldest = stamp, [sid]
+            elif stamp == oldest:
+                at_oldest.append(sid)
+            if sid in met or (floor_ms is not None and stamp < floor_ms):
                 continue
-            met.add(session["id"])
-            unfiltered = state.probe and self.status is not None
-            if unfiltered and derived_status(session, page.received_at_ms) != self.status:
+            met.add(sid)
+            if unfiltered and _row_status(page, index, page.received_at_ms) != self.status:
                 continue
-            fresh.append(session)
-        return fresh, self._next(state, page, floor_ms, oldest, at_oldest, rows_at_top, met)
+            keep.append(index)
+        following = self._next(state, page, floor_ms, oldest, at_oldest, rows_at_top, met)
+        walked = WalkedPage(
+            page, keep, [ids[i] for i in keep], [created[i] for i in keep], following
+        )
+        return walked, following
 
     def _next(
         self,
@@ -230,9 +308,8 @@ def walk_listing(
         sent.add(signature)
         page = fetch(params)
         last_cursor = page.next_cursor
-        sessions, state = strategy.advance(state, page, floor_ms)
-        typed = None if page.listed is None else {row.id: row for row in page.listed}
-        yield WalkedPage(sessions, state, page.received_at_ms, typed)
+        walked, state = strategy.advance(state, page, floor_ms)
+        yield walked
 
 
 _END = object()

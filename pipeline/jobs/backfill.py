@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.api.client import TriggerClient
-from pipeline.api.walker import WalkState, created_ms
+from pipeline.api.walker import WalkState
 from pipeline.dataset.manifest import iso_ms
 from pipeline.dataset.sink import ParquetSink
 from pipeline.errors import UsageError
@@ -31,6 +31,7 @@ from pipeline.jobs.core import (
     Flushed,
     FlushingWriter,
     RowPreparer,
+    Rows,
     RunSummary,
     RunTotals,
     finish_report,
@@ -362,7 +363,7 @@ class BackfillRun:
             lambda flushed, walk: self._checkpoint(window, flushed, walk),
             first_seq=window.flush_seq,
         )
-        rows = RowPreparer(self.filler)
+        preparer = RowPreparer(self.filler)
         listing = listing_for(Window(window.from_ms, window.to_ms), self.state.filters)
         resume = WalkState.from_dict(window.walk) if window.walk else None
 
@@ -375,24 +376,22 @@ class BackfillRun:
             for page in walk:
                 if self._failure is not None:
                     return
-                sessions, finished = page.sessions, page.state.done
+                finished = page.state.done
                 # one critical section: a split must see these rows as walked, or it would
                 # hand part of them to a new window as well
                 with self._lock:
-                    if any(created_ms(s) < window.from_ms for s in sessions):
-                        sessions = [s for s in sessions if created_ms(s) >= window.from_ms]
+                    if any(ms < window.from_ms for ms in page.created):
+                        page = page.since(window.from_ms)
                         finished = True  # the rest belongs to a split-off window
                     if page.state.to_ms is not None and page.state.to_ms < window.from_ms:
                         finished = True
-                    if sessions:
-                        window.oldest_seen_ms = min(created_ms(s) for s in sessions)
-                    window.walked_rows += len(sessions)
-                    self.rows_seen += len(sessions)
-                table, _ = rows.prepare(
-                    sessions, page.received_at_ms, self.state.run_id, None, typed=page.typed
-                )
+                    if page.created:
+                        window.oldest_seen_ms = min(page.created)
+                    window.walked_rows += page.count
+                    self.rows_seen += page.count
+                prepared = preparer.prepare(Rows.of_pages([page]), self.state.run_id, None)
                 writer.page()
-                writer.add(table)
+                writer.add(prepared.written)
                 if finished:
                     writer.commit(None)
                     return

@@ -12,29 +12,32 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.api.client import PAGE_SIZE, TriggerClient
-from pipeline.api.records import ListedSession
 from pipeline.dataset.layout import day_of, file_rows, files_by_partition, version_keys
 from pipeline.jobs.core import (
+    BATCH_ROWS,
+    PREFETCH_PAGES,
     FlushingWriter,
     KnownVersions,
+    Prepared,
     RowPreparer,
+    Rows,
+    batched,
     listing_for,
     page_stream,
     wall_clock_ms,
 )
 from pipeline.store.state import ACTIVE_SCHEMA, ActiveSetBuilder, Window
 from pipeline.store.storage import Storage
-from pipeline.timestamps import parse_timestamp_ms
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +55,35 @@ class PartCost:
     strategy: str | None = None
 
 
-def active_rows_of(sessions: list[Session]) -> pa.Table:
-    """id, createdAt and updatedAt (epoch ms) of listed sessions."""
-    updated = [s.get("updatedAt") for s in sessions]
+def active_rows(table: pa.Table) -> pa.Table:
+    """id, createdAt and updatedAt (epoch ms) of flattened sessions: the active set's rows."""
     return pa.table(
         {
-            "id": [s["id"] for s in sessions],
-            "created_ms": [parse_timestamp_ms(s["createdAt"]) for s in sessions],
-            "updated_ms": [parse_timestamp_ms(u) if isinstance(u, str) else None for u in updated],
+            "id": table["id"],
+            "created_ms": table["created_at"].cast(pa.int64()),
+            "updated_ms": table["updated_at"].cast(pa.int64()),
         },
         schema=ACTIVE_SCHEMA,
     )
+
+
+def live_mask(table: pa.Table, now_ms: int) -> pa.Array:
+    """Which flattened sessions the server calls ACTIVE now (`walker.derived_status`): not
+    closed, and not expired by `now_ms`. A `closedAt` no column could hold (kept in `extra`)
+    still closes its session; an unreadable `expiresAt` does not expire it."""
+    expires = table["expires_at"]
+    live = pc.and_kleene(
+        pc.is_null(table["closed_at"]),
+        pc.or_kleene(pc.is_null(expires), pc.greater(expires, pa.scalar(now_ms, expires.type))),
+    ).combine_chunks()
+    extras = table["extra"]
+    if extras.null_count == len(extras):
+        return live
+    flags = live.to_pylist()
+    for index, extra in enumerate(extras.to_pylist()):
+        if extra is not None and "closedAt" in orjson.loads(extra):
+            flags[index] = False
+    return pa.array(flags, pa.bool_())
 
 
 def active_keys(active: pa.Table) -> pa.Array:
@@ -100,13 +121,13 @@ class ChangeCapture:
         cost = self.costs["active"]
         active = ActiveSetBuilder()
         listing = listing_for(Window(None, None), {**filters, "status": "ACTIVE"})
-        for page in page_stream(self.client, listing):
-            cost.pages += 1
-            writer.page()
-            active.add(active_rows_of(page.sessions))
-            self._write(
-                writer, page.sessions, page.received_at_ms, run_id, known, cost, typed=page.typed
-            )
+        pages = page_stream(self.client, listing, depth=PREFETCH_PAGES)
+        for batch in batched(pages, min(BATCH_ROWS, writer.sink.flush_rows)):
+            cost.pages += len(batch)
+            for _ in batch:
+                writer.page()
+            prepared = self._write(writer, Rows.of_pages(batch), run_id, known, cost)
+            active.add(active_rows(prepared.listed))
 
         now_live = pq.read_table(pa.BufferReader(active.finish()), columns=["id"])["id"]
         gone = pc.invert(pc.is_in(self.previous["id"], value_set=now_live))
@@ -142,11 +163,10 @@ class ChangeCapture:
                 for page in page_stream(self.client, listing):
                     cost.pages += 1
                     writer.page()
-                    mine = [s for s in page.sessions if s["id"] in remaining]
-                    remaining.difference_update(s["id"] for s in mine)
-                    self._write(
-                        writer, mine, page.received_at_ms, run_id, known, cost, typed=page.typed
-                    )
+                    mine = page.only(remaining)
+                    remaining.difference_update(mine.ids)
+                    if mine.count:
+                        self._write(writer, Rows.of_pages([mine]), run_id, known, cost)
         else:
             cost.strategy = "get each"
         if remaining:
@@ -155,29 +175,25 @@ class ChangeCapture:
             cost.single_fetches += len(remaining)
             sessions = [s for s in found if s is not None]
             received = wall_clock_ms()
-            self._write(writer, sessions, received, run_id, known, cost, listed=False)
+            if sessions:
+                rows = Rows.of_sessions(sessions, received, listed=False)
+                self._write(writer, rows, run_id, known, cost)
 
     def _write(
         self,
         writer: FlushingWriter,
-        sessions: list[Session],
-        received_ms: int,
+        rows: Rows,
         run_id: str,
         known: KnownVersions,
         cost: PartCost,
-        listed: bool = True,
-        typed: Mapping[str, ListedSession] | None = None,
-    ) -> None:
+    ) -> Prepared:
         """Write the sessions whose version is not held yet (`known` learns them)."""
-        if not sessions:
-            return
-        table, unchanged = self.rows.prepare(
-            sessions, received_ms, run_id, known, listed=listed, typed=typed
-        )
-        cost.unchanged += unchanged
-        cost.rows += table.num_rows
-        writer.add(table, unchanged)
+        prepared = self.rows.prepare(rows, run_id, known)
+        cost.unchanged += prepared.unchanged
+        cost.rows += prepared.written.num_rows
+        writer.add(prepared.written, prepared.unchanged)
         writer.commit_if_due(None)  # these listings are redone whole after an interruption
+        return prepared
 
     def _stored_rows(self, low_ms: int, high_ms: int) -> int:
         """Rows the dataset holds in the partitions of a createdAt span (file footers only)."""

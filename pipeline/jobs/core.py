@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import compress
 from typing import Any
 
 import pyarrow as pa
@@ -24,16 +25,14 @@ import pyarrow as pa
 from pipeline.api.client import RequestStats, TriggerClient
 from pipeline.api.filters import FILTER_PARAMS
 from pipeline.api.records import ListedSession, has_trigger_config
-from pipeline.api.walker import (
-    Listing,
-    WalkedPage,
-    WalkState,
-    created_ms,
-    prefetched,
-    walk_listing,
+from pipeline.api.walker import Listing, WalkedPage, WalkState, prefetched, walk_listing
+from pipeline.dataset.flatten import (
+    Extracted,
+    MalformedSession,
+    flatten_listed,
+    flatten_sessions,
 )
-from pipeline.dataset.flatten import MalformedSession, flatten_listed, flatten_sessions
-from pipeline.dataset.layout import MS_PER_DAY, partition_of
+from pipeline.dataset.layout import MS_PER_DAY, partition_of, version_keys
 from pipeline.dataset.manifest import RunManifest, iso_ms
 from pipeline.dataset.sink import ParquetSink
 from pipeline.dataset.versions import StoredVersions
@@ -41,11 +40,12 @@ from pipeline.errors import ApiError
 from pipeline.jobs.enrich import TriggerConfigFiller
 from pipeline.store.state import Window
 from pipeline.store.storage import Storage
-from pipeline.timestamps import parse_timestamp_ms
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], int]  # epoch milliseconds
+BATCH_ROWS = 1000  # listed rows prepared at once
+PREFETCH_PAGES = 16  # pages walked ahead of the batch being prepared
 Session = dict[str, Any]
 
 def wall_clock_ms() -> int:
@@ -68,22 +68,14 @@ def page_stream(
     listing: Listing,
     state: WalkState | None = None,
     floor: Callable[[], int | None] | None = None,
+    depth: int = 2,
 ) -> Iterator[WalkedPage]:
-    """Every listing's pages: the exact walk, its loop guard, the next request in flight."""
-    return prefetched(walk_listing(client.list_sessions, listing, state, floor))
+    """Every listing's pages: the exact walk, its loop guard, the next `depth` pages walked
+    while the consumer works."""
+    return prefetched(walk_listing(client.list_sessions, listing, state, floor), depth)
 
 
 # -- which versions are held already ---------------------------------------------------------
-
-
-def session_version(session: Session) -> str:
-    """`id|updatedAt-ms`, the same key `dataset.version_keys` builds from stored rows."""
-    updated = session.get("updatedAt")
-    try:
-        stamp = str(parse_timestamp_ms(updated)) if isinstance(updated, str) else "null"
-    except ValueError:
-        stamp = "null"
-    return f"{session['id']}|{stamp}"
 
 
 class KnownVersions:
@@ -91,7 +83,8 @@ class KnownVersions:
 
     The one place a job asks "is this version stored?": the dataset's side is a
     `StoredVersions` index (one partition's keys at a time, bounded memory, linear time),
-    this run's side a set of the keys it wrote or was told about.
+    this run's side a set of the keys it wrote or was told about. Keys are built from the
+    flattened rows by `version_keys`, the same function that reads them back from files.
     """
 
     def __init__(self, stored: StoredVersions | None = None) -> None:
@@ -104,94 +97,149 @@ class KnownVersions:
         (a resumed run rewrites those under the same names, so their rows must be written)."""
         return cls(StoredVersions(storage, window.from_ms, window.to_ms, skip_run))
 
-    def add(self, keys: pa.Array | _LazyKeys) -> None:
-        self._held.update(keys.to_pylist())
+    def add(self, keys: pa.Array | pa.ChunkedArray | list[str]) -> None:
+        self._held.update(keys if isinstance(keys, list) else keys.to_pylist())
 
-    def fresh(self, sessions: list[Session]) -> tuple[list[Session], pa.Array | _LazyKeys]:
-        """The sessions whose version is not held yet, and the version keys of those."""
+    def fresh(self, table: pa.Table, remember: bool) -> list[bool] | None:
+        """For each row of `table`, whether its version is not held yet (None: none is held,
+        as in a first export). With `remember`, the new versions count as held afterwards."""
         if not self._held and (self._stored is None or self._stored.nothing_stored()):
-            # nothing to compare with (a first export): no keys to build, page after page
-            return list(sessions), _LazyKeys(sessions)
-        keys = [session_version(s) for s in sessions]
-        new = [key not in self._held for key in keys]
+            if remember:
+                self.add(version_keys(table))
+            return None
+        keys = version_keys(table).to_pylist()
+        held = self._held
+        new = [key not in held for key in keys]
         if self._stored is not None and any(new):
-            days = [created_ms(s) // MS_PER_DAY for s in sessions]
-            unseen = self._stored.unseen_keys(keys, days)
+            created = table["created_at"].cast(pa.int64()).to_pylist()
+            unseen = self._stored.unseen_keys(keys, [ms // MS_PER_DAY for ms in created])
             new = [a and b for a, b in zip(new, unseen, strict=True)]
-        fresh = [s for s, keep in zip(sessions, new, strict=True) if keep]
-        return fresh, pa.array([k for k, keep in zip(keys, new, strict=True) if keep], pa.string())
+        if remember:
+            held.update(key for key, keep in zip(keys, new, strict=True) if keep)
+        return new
 
 
-class _LazyKeys:
-    """Version keys of sessions, built only if someone asks for them."""
+# -- rows to write ------------------------------------------------------------------------------
 
-    def __init__(self, sessions: list[Session]) -> None:
-        self.sessions = sessions
 
-    def to_pylist(self) -> list[str]:
-        return [session_version(s) for s in self.sessions]
+@dataclass(frozen=True)
+class Rows:
+    """Sessions to prepare: listed pages' typed structs when every body fitted them (the
+    fast path), else plain dicts; `received` says when (one time, or a run per page);
+    `listed` is off for sessions read one by one (they carry their triggerConfig)."""
+
+    typed: list[ListedSession] | None
+    dicts: Callable[[], list[Session]]
+    received: Extracted
+    listed: bool = True
+
+    @staticmethod
+    def of_pages(pages: Sequence[WalkedPage]) -> Rows:
+        """The kept rows of several pages, in order, as one batch."""
+        received = [(page.count, page.received_at_ms) for page in pages]
+        if len(pages) == 1:
+            page = pages[0]
+            return Rows(page.typed, lambda: page.sessions, received)
+        typed: list[ListedSession] | None = []
+        for page in pages:
+            rows = page.typed
+            if rows is None or typed is None:
+                typed = None
+                break
+            typed.extend(rows)
+        return Rows(typed, lambda: [s for page in pages for s in page.sessions], received)
+
+    @staticmethod
+    def of_sessions(sessions: list[Session], received_ms: int, listed: bool = True) -> Rows:
+        return Rows(None, lambda: sessions, received_ms, listed)
+
+
+def batched(pages: Iterator[WalkedPage], rows: int = BATCH_ROWS) -> Iterator[list[WalkedPage]]:
+    """Consecutive pages in batches of about `rows` kept rows (a page that ends the walk
+    ends its batch): one preparation per batch costs far less than one per page."""
+    batch: list[WalkedPage] = []
+    count = 0
+    for page in pages:
+        batch.append(page)
+        count += page.count
+        if count >= rows or page.state.done:
+            yield batch
+            batch, count = [], 0
+    if batch:
+        yield batch
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One batch of rows, flattened: `listed` every row as listed (for the job's
+    bookkeeping: live sessions, version keys), `written` the versions not held yet, with
+    their triggerConfig filled where list rows omit it."""
+
+    listed: pa.Table
+    written: pa.Table
+
+    @property
+    def unchanged(self) -> int:
+        """Versions held already, so not written."""
+        return self.listed.num_rows - self.written.num_rows
 
 
 class RowPreparer:
-    """Listed sessions into rows to write: versions already held are skipped, triggerConfig
-    is filled where list rows omit it, and the rest is flattened."""
+    """Listed sessions into rows to write: flattened, versions already held skipped, and
+    triggerConfig filled where list rows omit it (after the skip: no fetch for a held one)."""
 
     def __init__(self, filler: TriggerConfigFiller | None) -> None:
         self.filler = filler
 
     def prepare(
         self,
-        sessions: list[Session],
-        received_ms: int,
+        rows: Rows,
         run_id: str,
         known: KnownVersions | None,
         *,
         remember: bool = True,
-        listed: bool = True,
-        typed: Mapping[str, ListedSession] | None = None,
-    ) -> tuple[pa.Table, int]:
-        """(rows to write, how many versions were held already).
-
-        `known` learns the written versions unless `remember` is off (a listing that cannot
-        repeat a row); `listed` is off for sessions read one by one (they carry their config).
-        `typed`: the page's rows as typed structs, flattened on the fast path when none of
-        them needs its configuration filled.
-        """
-        fresh = sessions
-        if known is not None:
-            fresh, keys = known.fresh(sessions)
-            if remember:
-                known.add(keys)
+    ) -> Prepared:
+        """`known` learns the versions written unless `remember` is off (a listing that
+        cannot repeat a row)."""
         try:
-            rows = self._typed_rows(fresh, typed, listed)
-            if rows is not None:
-                return flatten_listed(rows, received_ms, run_id), len(sessions) - len(fresh)
-            if self.filler is not None and listed and fresh:
-                fresh = self.filler.fill(fresh)
-            table = flatten_sessions(fresh, received_ms, run_id)
+            typed = rows.typed if rows.listed and self._lists_carry_config(rows.typed) else None
+            if typed is not None:
+                table = flatten_listed(typed, rows.received, run_id)
+                dicts: list[Session] = []
+            else:
+                dicts = rows.dicts()
+                table = flatten_sessions(dicts, rows.received, run_id)
+            new = None if known is None else known.fresh(table, remember)
+            written = table if new is None or all(new) else table.filter(pa.array(new))
+            if typed is None and rows.listed and self.filler is not None and written.num_rows:
+                fresh = dicts if new is None else list(compress(dicts, new))
+                filled = self.filler.fill(fresh)
+                if filled is not fresh:
+                    written = flatten_sessions(filled, _runs_of(rows.received, new), run_id)
         except MalformedSession as error:
             raise ApiError(f"the API returned an unusable session: {error}") from None
-        return table, len(sessions) - len(fresh)
+        return Prepared(table, written)
 
-    def _typed_rows(
-        self,
-        sessions: list[Session],
-        typed: Mapping[str, ListedSession] | None,
-        listed: bool,
-    ) -> list[ListedSession] | None:
-        """The typed structs of `sessions`, or None where the dict path must run (no structs,
-        or rows whose configuration the filler must fetch)."""
-        if typed is None or not listed:
-            return None
-        rows = [typed.get(s["id"]) for s in sessions]
-        if any(row is None for row in rows):
-            return None
+    def _lists_carry_config(self, typed: list[ListedSession] | None) -> bool:
+        """Whether typed rows can be written as they are: nothing to fill (no filler, or
+        list rows carry triggerConfig); else the dict path fills them."""
         filler = self.filler
-        if filler is not None and not filler.lists_carry_config:
-            filler.lists_carry_config = any(has_trigger_config(r) for r in rows)  # type: ignore[arg-type]
-            if not filler.lists_carry_config and rows:
-                return None
-        return rows  # type: ignore[return-value]
+        if typed is None or filler is None or filler.lists_carry_config:
+            return typed is not None
+        filler.lists_carry_config = any(has_trigger_config(r) for r in typed)
+        return filler.lists_carry_config or not typed
+
+
+def _runs_of(received: Extracted, kept: list[bool] | None) -> Extracted:
+    """The `received` runs of the rows `kept` (None: all of them)."""
+    if kept is None or isinstance(received, int):
+        return received
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for count, ms in received:
+        runs.append((sum(kept[start : start + count]), ms))
+        start += count
+    return runs
 
 
 # -- the flushing writer ------------------------------------------------------------------------

@@ -20,24 +20,28 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.api.client import TriggerClient
-from pipeline.api.walker import WalkState, created_ms, derived_status
+from pipeline.api.walker import WalkState
 from pipeline.dataset.layout import version_keys
 from pipeline.dataset.manifest import iso_ms
 from pipeline.dataset.sink import ParquetSink
-from pipeline.jobs.capture import ChangeCapture, PartCost, active_rows_of
+from pipeline.jobs.capture import ChangeCapture, PartCost, active_rows, live_mask
 from pipeline.jobs.core import (
+    BATCH_ROWS,
+    PREFETCH_PAGES,
     Clock,
     Flushed,
     FlushingWriter,
     KnownVersions,
+    Prepared,
     RowPreparer,
+    Rows,
     RunSummary,
     RunTotals,
+    batched,
     finish_report,
     listing_for,
     new_run_id,
     page_stream,
-    session_version,
     wall_clock_ms,
 )
 from pipeline.jobs.enrich import TriggerConfigFiller
@@ -215,45 +219,47 @@ class IncrementalRun:
         resume = WalkState.from_dict(progress.walk) if progress.walk else None
         cost = self.window_cost
         listing = listing_for(progress.window, progress.filters)
-        for page in page_stream(self.client, listing, resume):
-            cost.pages += 1
-            writer.page()
-            sessions = page.sessions
-            if sessions:
-                newest = max(created_ms(s) for s in sessions)
-                self._max_created = max(self._max_created or newest, newest)
+        pages = page_stream(self.client, listing, resume, depth=PREFETCH_PAGES)
+        # a batch never holds more rows than a flush, so flushes come as often as asked
+        for batch in batched(pages, min(BATCH_ROWS, self.options.flush_rows)):
+            cost.pages += len(batch)
+            for page in batch:
+                writer.page()
+                if page.created:
+                    newest = max(page.created)
+                    self._max_created = max(self._max_created or newest, newest)
             # the keyset walk never returns a row twice, so `known` need not learn the window's
-            table, unchanged = self.rows.prepare(
-                sessions,
-                page.received_at_ms,
-                progress.run_id,
-                known,
-                remember=False,
-                typed=page.typed,
+            prepared = self.rows.prepare(
+                Rows.of_pages(batch), progress.run_id, known, remember=False
             )
-            if capture and sessions:
-                live = [s for s in sessions if derived_status(s, now) == "ACTIVE"]
-                self._live.add(active_rows_of(live))
+            listed = prepared.listed
+            if capture and listed.num_rows:
+                live = live_mask(listed, now)
+                self._live.add(active_rows(listed.filter(live)))
                 if not whole_history:  # else parts 2 and 3 are skipped: no keys needed
-                    met = {s["id"] for s in live} | {
-                        s["id"] for s in sessions if s["id"] in watched
-                    }
-                    self._remember_met(sessions, table, met)
-            cost.unchanged += unchanged
-            cost.rows += table.num_rows
-            writer.add(table, unchanged)
-            writer.commit_if_due(None if page.state.done else page.state)
+                    self._remember_met(prepared, live, watched)
+            cost.unchanged += prepared.unchanged
+            cost.rows += prepared.written.num_rows
+            writer.add(prepared.written, prepared.unchanged)
+            state = batch[-1].state
+            writer.commit_if_due(None if state.done else state)
         assert self.progress is not None
         if not self.progress.walk_complete:
             writer.commit(None)
 
-    def _remember_met(self, sessions: list, table: pa.Table, ids: set[str]) -> None:
+    def _remember_met(self, prepared: Prepared, live: pa.Array, watched: set[str]) -> None:
         """Versions of live or watched sessions, listed and written, for parts 2 and 3."""
-        listed = [session_version(s) for s in sessions if s["id"] in ids]
-        self._met_keys.append(pa.array(listed, pa.string()))
-        if table.num_rows:
-            mine = pc.is_in(table["id"], value_set=pa.array(sorted(ids), pa.string()))
-            self._met_keys.append(version_keys(table.filter(mine)).combine_chunks())
+        listed = prepared.listed
+        ids = listed["id"].to_pylist()
+        met = pc.or_(live, pa.array([sid in watched for sid in ids]))
+        if not pc.any(met).as_py():
+            return
+        mine = listed.filter(met)
+        self._met_keys.append(version_keys(mine).combine_chunks())
+        written = prepared.written
+        if written is not listed and written.num_rows:
+            found = pc.is_in(written["id"], value_set=mine["id"].combine_chunks())
+            self._met_keys.append(version_keys(written.filter(found)).combine_chunks())
 
     def _capture_known(self) -> KnownVersions:
         progress = self.progress
