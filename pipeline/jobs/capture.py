@@ -118,8 +118,23 @@ class ChangeCapture:
     ) -> ActiveSetBuilder:
         """Write the versions of live and departed sessions not held yet; the new active set."""
         known.add(active_keys(self.previous))
-        cost = self.costs["active"]
         active = ActiveSetBuilder()
+        try:
+            self._walk_active(writer, known, filters, run_id, active)
+        except BaseException:
+            active.discard()
+            raise
+        return active
+
+    def _walk_active(
+        self,
+        writer: FlushingWriter,
+        known: KnownVersions,
+        filters: dict[str, str],
+        run_id: str,
+        active: ActiveSetBuilder,
+    ) -> None:
+        cost = self.costs["active"]
         listing = listing_for(Window(None, None), {**filters, "status": "ACTIVE"})
         pages = page_stream(self.client, listing, depth=PREFETCH_PAGES)
         for batch in batched(pages, min(BATCH_ROWS, writer.sink.flush_rows)):
@@ -129,7 +144,7 @@ class ChangeCapture:
             prepared = self._write(writer, Rows.of_pages(batch), run_id, known, cost)
             active.add(active_rows(prepared.listed))
 
-        now_live = pq.read_table(pa.BufferReader(active.finish()), columns=["id"])["id"]
+        now_live = pq.read_table(active.finish(), columns=["id"])["id"]
         gone = pc.invert(pc.is_in(self.previous["id"], value_set=now_live))
         departed = self.previous.filter(gone)
         if departed.num_rows:
@@ -140,7 +155,6 @@ class ChangeCapture:
             self.previous.num_rows,
             departed.num_rows,
         )
-        return active
 
     def _read_departed(
         self,

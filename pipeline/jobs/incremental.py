@@ -170,12 +170,12 @@ class IncrementalRun:
             ),
         )
         capture: ChangeCapture | None = None
+        active: ActiveSetBuilder | None = None
         try:
             # nothing is saved before the first flush: a run that fails early leaves no trace
             whole_history = progress.window.from_ms is None and progress.walk is None
             if not progress.walk_complete:
                 self._walk_window(writer, whole_history)
-            active = None
             if self._captures_changes(self.progress):
                 if whole_history and not progress.walk_complete:
                     # a walk of the whole history met every live session in its current state
@@ -196,6 +196,8 @@ class IncrementalRun:
             return self._finish(active, capture, time.monotonic() - started, resumed)
         finally:
             self._live.discard()
+            if active is not None:
+                active.discard()
             if self.filler is not None:
                 self.filler.close()
 

@@ -139,8 +139,9 @@ class StateStore:
                 "(the next run then treats no session as previously active)"
             ) from None
 
-    def save_active(self, parquet_bytes: bytes) -> None:
-        self.storage.write_bytes(ACTIVE_FILE, parquet_bytes)
+    def save_active(self, parquet_file: Path) -> None:
+        """Store the active set from a local Parquet file (`ActiveSetBuilder.finish`)."""
+        self.storage.write_file(ACTIVE_FILE, parquet_file)
 
     def reset(self) -> None:
         self.storage.delete(CHECKPOINT_FILE)
@@ -162,7 +163,6 @@ class ActiveSetBuilder:
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self.count = 0
-        self._data: bytes | None = None
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows:
@@ -176,36 +176,32 @@ class ActiveSetBuilder:
         if not self._pending:
             return
         if self._writer is None:
-            handle, name = tempfile.mkstemp(prefix="active-", suffix=".parquet")
-            os.close(handle)
-            self._path = Path(name)
-            self._writer = pq.ParquetWriter(str(self._path), ACTIVE_SCHEMA, compression="zstd")
+            self._open()
+        assert self._writer is not None
         self._writer.write_table(pa.concat_tables(self._pending))
         self._pending, self._pending_rows = [], 0
 
-    def finish(self) -> bytes:
-        """The whole set as Parquet bytes (the same bytes on every call)."""
-        if self._data is None:
-            if self._writer is None:  # small enough never to have touched the disk
-                buffer = pa.BufferOutputStream()
-                pq.write_table(
-                    pa.concat_tables(self._pending)
-                    if self._pending
-                    else ACTIVE_SCHEMA.empty_table(),
-                    buffer,
-                    compression="zstd",
-                )
-                self._data = buffer.getvalue().to_pybytes()
-            else:
-                self._write_pending()
-                self._writer.close()
-                self._data = self._path.read_bytes()
-                self.discard()
-        return self._data
+    def finish(self) -> Path:
+        """The whole set as a local Parquet file (the same file on every call), streamed
+        into storage by `StateStore.save_active`; `discard` removes it. Ends the adding."""
+        if self._writer is None and self._path is None:
+            self._open()
+        if self._writer is not None:
+            self._write_pending()
+            self._writer.close()
+            self._writer = None
+        assert self._path is not None
+        return self._path
+
+    def _open(self) -> None:
+        handle, name = tempfile.mkstemp(prefix="active-", suffix=".parquet")
+        os.close(handle)
+        self._path = Path(name)
+        self._writer = pq.ParquetWriter(str(self._path), ACTIVE_SCHEMA, compression="zstd")
 
     def discard(self) -> None:
         """Remove the temporary file (also after a failed run)."""
-        if self._writer is not None and self._data is None:
+        if self._writer is not None:
             with contextlib.suppress(OSError, pa.ArrowException):
                 self._writer.close()
         self._writer = None

@@ -19,11 +19,12 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import pyarrow as pa
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 GCS_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+_COPY_CHUNK = 1 << 20  # bytes per read when a local file is copied into storage
 
 
 @dataclass(frozen=True)
@@ -173,25 +175,38 @@ class Storage:
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a whole file so that readers see the old version or the new, never a part."""
+        self._write_whole(path, lambda handle: handle.write(data))
+
+    def write_file(self, path: str, source: Path) -> None:
+        """`write_bytes` from a local file, streamed in chunks (never held in memory)."""
+
+        def copy(handle: Any) -> None:
+            with open(source, "rb") as reader:
+                while chunk := reader.read(_COPY_CHUNK):
+                    handle.write(chunk)
+
+        self._write_whole(path, copy)
+
+    def _write_whole(self, path: str, fill: Callable[[Any], object]) -> None:
         try:
             if self.is_local:
-                self._write_local(path, data)
+                self._write_local(path, fill)
             else:
                 # the object appears only when close() completes the upload: never in part
                 with self.fs.open_output_stream(self.full_path(path)) as stream:
-                    stream.write(data)
+                    fill(stream)
         except (OSError, pa.ArrowException) as error:
             raise StorageError(
                 f"cannot write {self.display(path)}: {_describe(error, self.uri)}"
             ) from None
 
-    def _write_local(self, path: str, data: bytes) -> None:
+    def _write_local(self, path: str, fill: Callable[[Any], object]) -> None:
         target = self._root / path
         target.parent.mkdir(parents=True, exist_ok=True)
         temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
         try:
             with open(temp, "wb") as handle:
-                handle.write(data)
+                fill(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp, target)
