@@ -3,8 +3,9 @@
 The connection is libpq's: `PGHOST`, `PGPORT`, `PGDATABASE`, `PGUSER`, `PGPASSWORD`,
 `PGSERVICE`, `~/.pgpass`, or a connection string that holds no password. The driver is
 ADBC's: it streams Arrow batches by binary `COPY` (no Python per row; JSON columns typed
-`arrow.json` go as jsonb) into a scratch table, over two connections of their own, opened
-while the load plans, so the server parses the JSON on two cores. The table and its ledger
+`arrow.json` go as jsonb) into a scratch table, over two connections of their own (clones of
+the first: no second lookup of the server's types), so the server parses the JSON on two
+cores. The table and its ledger
 change in one transaction of a third connection. Into an existing table, the scratch table
 is UNLOGGED and applied with one `INSERT … ON CONFLICT (id) DO UPDATE … WHERE newer`. A
 missing table is staged under the scratch name with the table's own columns, and the
@@ -185,8 +186,8 @@ class PostgresTarget:
         self._cursor: Any = None
         self._created = False  # the table was missing: this load makes it, from the scratch
         self._made = False  # the table made in this transaction, with its key
-        self._stagers: Queue[Any] = Queue()  # idle staging cursors, autocommit
-        self._connecting: list[Future] = []  # the staging connections, autocommit
+        self._stagers: Queue[Any] = Queue()  # idle staging cursors, each COPY committed
+        self._staging: list[Any] = []
         self._pool: ThreadPoolExecutor | None = None
         self._scratch_made = False
         self._pending: deque[Future] = deque()
@@ -201,18 +202,24 @@ class PostgresTarget:
         except self._errors as error:
             raise StorageError(f"cannot load into {self.table}: {one_line(error)}") from None
 
-    def _connect(self, autocommit: bool) -> Any:
+    def _connect(self, clone_of: Any = None) -> Any:
+        """A connection, or one more on `clone_of`'s driver database (~10x cheaper: the
+        driver looks the server's types up once per database)."""
         try:
-            return self._adbc.connect(self.dsn, autocommit=autocommit)
+            if clone_of is not None:
+                return clone_of.adbc_clone()
+            return self._adbc.connect(self.dsn, autocommit=False)
         except self._errors as error:
             raise StorageError(f"cannot connect to PostgreSQL: {one_line(error)}") from None
 
+    def _commit(self, connection: Any) -> None:
+        try:
+            connection.commit()
+        except self._errors as error:
+            raise StorageError(f"cannot load into {self.table}: {one_line(error)}") from None
+
     def open(self) -> set[str]:
-        self._pool = ThreadPoolExecutor(STAGING_CONNECTIONS, thread_name_prefix="load-stage")
-        # logging in costs ~50 ms of CPU each (SCRAM, the driver's type lookups): in parallel
-        self._connecting = [self._pool.submit(self._connect, True)
-                            for _ in range(STAGING_CONNECTIONS)]
-        self._con = self._connect(autocommit=False)
+        self._con = self._connect()
         self._cursor = self._con.cursor()
         # held by the session, not the transaction: it covers the scratch table's cleanup
         self._run("SELECT pg_advisory_lock(hashtext($1))", f"sessions-export {self.table}")
@@ -250,8 +257,11 @@ class PostgresTarget:
         """The scratch table, committed so the staging connections share it; a killed
         load's leftover goes first. For a missing table it is that table to be: logged,
         with its columns."""
-        for connecting in self._connecting:
-            self._stagers.put(connecting.result().cursor())
+        for _ in range(STAGING_CONNECTIONS):
+            connection = self._connect(clone_of=self._con)
+            self._staging.append(connection)
+            self._stagers.put(connection.cursor())
+        self._pool = ThreadPoolExecutor(STAGING_CONNECTIONS, thread_name_prefix="load-stage")
         cursor = self._stagers.queue[0]
         self._scratch_made = True  # from here on, close() drops it
         self._run(f"DROP TABLE IF EXISTS {self._scratch}", cursor=cursor)
@@ -265,6 +275,7 @@ class PostgresTarget:
             staged = ", ".join(f"{ident(name)} {kind}" for name, kind in COLUMNS)
             self._run(f"CREATE UNLOGGED TABLE {self._scratch} ({staged}) {options}",
                       cursor=cursor)
+        self._commit(cursor.connection)  # for the other connections to see it
 
     @staticmethod
     def _columns() -> str:
@@ -315,6 +326,7 @@ class PostgresTarget:
         try:
             cursor.adbc_ingest(self.table_name + SCRATCH_SUFFIX, latest, mode="append",
                                db_schema_name=self.schema)
+            self._commit(cursor.connection)
         except self._errors as error:
             raise StorageError(f"cannot load into {self.table}: {one_line(error)}") from None
         finally:
@@ -397,19 +409,15 @@ class PostgresTarget:
     def commit(self) -> None:
         if self._created:
             self._make_table(0, False)
-        try:
-            self._con.commit()
-        except self._errors as error:
-            raise StorageError(f"cannot load into {self.table}: {one_line(error)}") from None
+        self._commit(self._con)
 
     def close(self) -> None:
         """Roll back what is uncommitted, drop the scratch table while the lock still keeps
         other loads out, then disconnect (which releases the lock)."""
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
-        for connecting in self._connecting:
-            if not connecting.cancelled() and connecting.exception() is None:
-                connecting.result().close()
+        for connection in self._staging:
+            connection.close()
         if self._con is None:
             return
         try:
