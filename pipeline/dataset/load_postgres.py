@@ -3,16 +3,15 @@
 The connection is libpq's: `PGHOST`, `PGPORT`, `PGDATABASE`, `PGUSER`, `PGPASSWORD`,
 `PGSERVICE`, `~/.pgpass`, or a connection string that holds no password. The driver is
 ADBC's: it streams Arrow batches by binary `COPY` (no Python per row; JSON columns typed
-`arrow.json` go as jsonb) into a scratch table, over two connections of their own (clones of
-the first: no second lookup of the server's types), so the server parses the JSON on two
-cores. The table and its ledger
-change in one transaction of a third connection. Into an existing table, the scratch table
-is UNLOGGED and applied with one `INSERT … ON CONFLICT (id) DO UPDATE … WHERE newer`. A
-missing table is staged under the scratch name with the table's own columns, and the
-transaction renames it into place and builds its primary key: the rows are written once,
-and a killed load leaves no table. A session advisory lock keeps two loads of one table
-from interleaving; the scratch table is dropped at the end, and a killed load's by the
-next one.
+`arrow.json` go as jsonb) into a scratch table, over two connections of their own (clones
+of the first: no second lookup of the server's types), so the server parses the JSON on two
+cores. The table and its ledger change in one transaction of the first connection. Into an
+existing table, the scratch table is UNLOGGED and applied with one `INSERT … ON CONFLICT
+(id) DO UPDATE … WHERE newer`. A missing table is staged under the scratch name with the
+table's own columns, and the transaction renames it into place and builds its primary key:
+the rows are written once, and a killed load leaves no table. A session advisory lock keeps
+two loads of one table from interleaving; the scratch table is dropped at the end, and a
+killed load's by the next one.
 """
 
 from __future__ import annotations
@@ -360,7 +359,7 @@ class PostgresTarget:
         )
         return rows[0][0], rows[0][1]
 
-    def _make_table(self, staged: int, repeats: bool) -> int:
+    def _make_table(self, staged: int = 0, repeats: bool = False) -> int:
         """The missing table, in the transaction: the scratch table, each id's older versions
         deleted, renamed into place; or an empty one when nothing was staged. Its key is
         built once over all its rows. The number of rows it holds."""
@@ -402,13 +401,13 @@ class PostgresTarget:
 
     def count(self) -> int:
         if self._created:  # a new table with nothing to load is still made
-            self._make_table(0, False)
+            self._make_table()
             return self._rows
         return self._run(f"SELECT count(*) FROM {self._sessions}")[0][0]
 
     def commit(self) -> None:
         if self._created:
-            self._make_table(0, False)
+            self._make_table()
         self._commit(self._con)
 
     def close(self) -> None:
