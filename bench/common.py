@@ -60,12 +60,15 @@ def emulator(*flags: str) -> Iterator[str]:
         yield running.url
 
 
-def measure(command: list[str], env: dict[str, str] | None = None) -> Measured:
-    """Wall time and peak RSS of one child process (its own, via wait4)."""
+def measure(command: list[str], env: dict[str, str] | None = None,
+            cwd: str | None = None) -> Measured:
+    """Wall time and peak RSS of one child process (its own, via wait4); `cwd` chooses the
+    checkout whose `python -m pipeline` runs."""
     full_env = {**os.environ, "TRIGGER_SECRET_KEY": KEY, **(env or {})}
     started = time.perf_counter()
     process = subprocess.Popen(
-        command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=cwd,
     )
     output = process.stdout.read() if process.stdout else ""
     _, status, usage = os.wait4(process.pid, 0)

@@ -331,6 +331,107 @@ def test_copy_round_trips_awkward_values(server, database, monkeypatch):
         assert stored[row["id"]] == want
 
 
+def session_row(sid: str, updated_at: datetime | None, extracted_at: datetime, note: str,
+                day: date) -> pa.Table:
+    row = {f.name: None for f in SCHEMA} | {
+        "id": sid, "type": note, "created_at": datetime(2026, 1, 1, tzinfo=UTC),
+        "updated_at": updated_at, "extracted_at": extracted_at, "run_id": "r"}
+    return pa.Table.from_pylist([row], SCHEMA).append_column(
+        "created_date", pa.array([day], pa.date32()))
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new table", "existing table"])
+def test_a_session_staged_from_several_partitions_keeps_only_its_newest_version(
+        server, database, monkeypatch, existing):
+    for name, value in server.env(database).items():
+        monkeypatch.setenv(name, value)
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    later, latest = at.replace(day=2), at.replace(day=3)
+    # (id, updated_at, extracted_at, which version it is), spread over three partitions;
+    # the newest comes first, last or in the middle, so staging order cannot decide
+    partitions = [
+        [("a", latest, at, "newest"), ("b", at, at, "old"), ("c", None, latest, "old"),
+         ("e", at, at, "old"), ("f", at, at, "only")],
+        [("a", at, at, "old"), ("b", at, later, "newest"), ("c", at, at, "newest"),
+         ("e", latest, at, "newest"), ("g", None, at, "only")],
+        [("a", later, latest, "old"), ("b", at, at, "old"), ("e", later, latest, "old")],
+    ]
+    if existing:  # stored: a version older than every staged one, one newer, one alone
+        target = PostgresTarget(None, "public", "sessions")
+        target.open()
+        for sid, updated, note in (("a", at.replace(year=2025), "old"),
+                                   ("e", at.replace(year=2027), "newest"),
+                                   ("h", at, "only")):
+            target.stage(session_row(sid, updated, at, note, date(2026, 2, 1)))
+        target.merge()
+        target.count()
+        target.commit()
+        target.close()
+    target = PostgresTarget(None, "public", "sessions")
+    target.open()
+    for day, versions in enumerate(partitions, start=1):
+        target.stage(pa.concat_tables(
+            [session_row(*version, date(2026, 3, day)) for version in versions]))
+    inserted, updated = target.merge()
+    target.count()
+    target.commit()
+    target.close()
+    stored = {sid: note for sid, note in query(server, database,
+                                               "SELECT id, type FROM sessions")}
+    expected = dict.fromkeys("abcefg", "only") | dict.fromkeys("abce", "newest")
+    if existing:
+        expected["h"] = "only"
+        assert (inserted, updated) == (4, 1)  # b c f g new; e stored newer than any staged
+    else:
+        assert (inserted, updated) == (6, 0)
+    assert stored == expected
+    assert query(server, database, "SELECT count(*), count(DISTINCT id) FROM sessions") == [
+        (len(expected), len(expected))]
+
+
+def test_a_killed_first_load_leaves_no_table(emulator, tmp_path, server, database):
+    emu = emulator(sessions=300, seed=54, days=5, list_trigger_config="include")
+    output = tmp_path / "out"
+    assert run_cli("run", "--output", str(output), url=emu.url).returncode == 0
+    # the real load, paused where everything is applied and nothing committed yet
+    paused = (
+        "import sys\n"
+        "from pipeline.dataset.load import load\n"
+        "from pipeline.dataset.load_postgres import PostgresTarget\n"
+        "from pipeline.store.storage import Storage\n"
+        "class Paused(PostgresTarget):\n"
+        "    def commit(self):\n"
+        "        print('applied', flush=True)\n"
+        "        sys.stdin.read()\n"
+        f"load(Storage({str(output)!r}), Paused(None, 'public', 'sessions'))\n"
+    )
+    env = {**os.environ, **server.env(database)}
+    loader = subprocess.Popen([sys.executable, "-c", paused], env=env, cwd=ROOT, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert loader.stdout.readline() == "applied\n"
+    watch = psycopg.connect(server.conninfo(database), autocommit=True)
+    # inside its transaction the table exists, renamed from the scratch table, with its key
+    loader.send_signal(signal.SIGKILL)
+    loader.wait(timeout=30)
+    waiting = "SELECT 1 FROM pg_stat_activity WHERE application_name = 'sessions-export load'"
+    for _ in range(600):  # the server notices the dead client and rolls its transaction back
+        if not watch.execute(waiting).fetchall():
+            break
+        time.sleep(0.1)
+    watch.close()
+    assert query(server, database, "SELECT to_regclass('sessions'), "
+                 "to_regclass('sessions_export_loads')") == [(None, None)]
+    # the staged rows outlive the killed load in the scratch table, marked as such…
+    assert query(server, database, "SELECT count(*) FROM sessions_export_stage") == [(300,)]
+
+    resumed = load_pg(server, database, output)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 new runs" in resumed.stdout and "300 sessions inserted" in resumed.stdout
+    assert_table_matches_parquet(table_rows(server, database), output)
+    # …until the next load drops it
+    assert query(server, database, "SELECT to_regclass('sessions_export_stage')") == [(None,)]
+
+
 def test_a_failed_staging_copy_is_one_error_and_leaves_nothing(server, database, monkeypatch):
     for name, value in server.env(database).items():
         monkeypatch.setenv(name, value)

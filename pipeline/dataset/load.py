@@ -21,7 +21,6 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -245,6 +244,8 @@ def require_module(module: str, package: str, extra: str, command: str) -> Modul
 
 def install_command(extra: str) -> str:
     """`pip install '<what this copy was installed from>[extra]'`."""
+    from importlib import metadata  # only on this error path: ~15 ms off every load's start
+
     # a source tree's egg-info can shadow the installed copy, which alone says where from
     for installed in metadata.distributions(name=DISTRIBUTION):
         origin = json.loads(installed.read_text("direct_url.json") or "{}")

@@ -2,21 +2,26 @@
 
 The connection is libpq's: `PGHOST`, `PGPORT`, `PGDATABASE`, `PGUSER`, `PGPASSWORD`,
 `PGSERVICE`, `~/.pgpass`, or a connection string that holds no password. The driver is
-ADBC's: it streams Arrow batches by binary `COPY` (no Python per row; JSON goes as jsonb's
-binary form) into an UNLOGGED scratch table, over two connections of their own so the
-server parses the JSON on two cores. The table and its ledger change in one transaction of
-a third connection: one `INSERT … ON CONFLICT (id) DO UPDATE … WHERE newer` from the
-scratch table, or, into a table this load created, a plain `INSERT` with the primary key
-built afterwards. A session advisory lock keeps two loads of one table from interleaving;
-the scratch table is dropped at the end, and a killed load's by the next one.
+ADBC's: it streams Arrow batches by binary `COPY` (no Python per row; JSON columns typed
+`arrow.json` go as jsonb) into a scratch table, over two connections of their own (clones
+of the first: no second lookup of the server's types), so the server parses the JSON on two
+cores. The table and its ledger change in one transaction of the first connection. Into an
+existing table, the scratch table is UNLOGGED and applied with one `INSERT … ON CONFLICT
+(id) DO UPDATE … WHERE newer`. A missing table is staged under the scratch name with the
+table's own columns, and the transaction renames it into place and builds its primary key:
+the rows are written once, and a killed load leaves no table. A session advisory lock keeps
+two loads of one table from interleaving; the scratch table is dropped at the end, and a
+killed load's by the next one.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from queue import Queue
+from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -48,6 +53,8 @@ COLUMNS = column_types(
 )
 LEDGER_SUFFIX = "_export_loads"
 SCRATCH_SUFFIX = "_export_stage"  # as long as the ledger's, so one length check covers both
+# marks a logged scratch table (a new table's rows) as this load's to drop
+SCRATCH_COMMENT = "sessions-export scratch table: dropped by the next load"
 STAGING_CONNECTIONS = 2  # the server parses jsonb on one core per connection
 LEDGER_SCHEMA = pa.schema([
     ("run_id", pa.string()),
@@ -59,7 +66,7 @@ LEDGER_SCHEMA = pa.schema([
 ])
 MAX_IDENTIFIER = 63  # PostgreSQL silently truncates longer names
 JSON_COLUMNS = tuple(name for name, kind in COLUMNS if kind == "jsonb")
-JSONB_VERSION = "\x01"
+JSON_TEXT = pa.json_(pa.string())  # the driver writes this type as jsonb
 _KEY_VALUE = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|(?:[^\s'\\]|\\.)+)\s*")
 
 
@@ -113,9 +120,26 @@ def with_application_name(dsn: str) -> str:
     return f"{dsn} {fallback}='sessions-export load'"
 
 
-def as_jsonb_binary(texts: pa.ChunkedArray) -> pa.ChunkedArray:
-    """JSON text in jsonb's binary COPY format: a version byte (1), then the text."""
-    return pc.binary_join_element_wise(JSONB_VERSION, texts, "")
+def as_json(texts: pa.ChunkedArray) -> pa.ChunkedArray:
+    """The same JSON text typed as JSON (no copy), for the driver to send as jsonb."""
+    return pa.chunked_array(
+        [pa.ExtensionArray.from_storage(JSON_TEXT, chunk) for chunk in texts.chunks], JSON_TEXT
+    )
+
+
+def import_driver() -> ModuleType:
+    """ADBC's DB-API without polars, which it imports (0.15 s) only to offer polars results
+    the load never asks for; polars stays importable afterwards."""
+    absent = "polars" not in sys.modules
+    if absent:
+        sys.modules["polars"] = None  # type: ignore[assignment]  # import fails: not offered
+    try:
+        return require_module(
+            "adbc_driver_postgresql.dbapi", "adbc-driver-postgresql", "postgres", "load postgres"
+        )
+    finally:
+        if absent:
+            del sys.modules["polars"]
 
 
 def check_identifier(name: str, what: str) -> None:
@@ -145,9 +169,7 @@ class PostgresTarget:
                 f"--table must be at most {MAX_IDENTIFIER - len(LEDGER_SUFFIX)} characters "
                 f"(its ledger is <table>{LEDGER_SUFFIX})"
             )
-        self._adbc = require_module(
-            "adbc_driver_postgresql.dbapi", "adbc-driver-postgresql", "postgres", "load postgres"
-        )
+        self._adbc = import_driver()
         self._errors = require_module(
             "adbc_driver_manager", "adbc-driver-manager", "postgres", "load postgres"
         ).Error
@@ -161,12 +183,15 @@ class PostgresTarget:
         self._names = ", ".join(ident(name) for name, _ in COLUMNS)
         self._con: Any = None
         self._cursor: Any = None
-        self._created = False  # the table is new in this transaction: no key until merged
-        self._stagers: Queue[Any] = Queue()  # idle staging cursors, autocommit
+        self._created = False  # the table was missing: this load makes it, from the scratch
+        self._made = False  # the table made in this transaction, with its key
+        self._stagers: Queue[Any] = Queue()  # idle staging cursors, each COPY committed
         self._staging: list[Any] = []
         self._pool: ThreadPoolExecutor | None = None
+        self._scratch_made = False
         self._pending: deque[Future] = deque()
         self._ids: list[pa.ChunkedArray] = []  # of every staged row, to see if any repeats
+        self._rows = 0  # in a table this load made
 
     def _run(self, query: str, *params: object, cursor: Any = None) -> list[tuple]:
         cursor = cursor or self._cursor
@@ -176,14 +201,24 @@ class PostgresTarget:
         except self._errors as error:
             raise StorageError(f"cannot load into {self.table}: {one_line(error)}") from None
 
-    def _connect(self, autocommit: bool) -> Any:
+    def _connect(self, clone_of: Any = None) -> Any:
+        """A connection, or one more on `clone_of`'s driver database (~10x cheaper: the
+        driver looks the server's types up once per database)."""
         try:
-            return self._adbc.connect(self.dsn, autocommit=autocommit)
+            if clone_of is not None:
+                return clone_of.adbc_clone()
+            return self._adbc.connect(self.dsn, autocommit=False)
         except self._errors as error:
             raise StorageError(f"cannot connect to PostgreSQL: {one_line(error)}") from None
 
+    def _commit(self, connection: Any) -> None:
+        try:
+            connection.commit()
+        except self._errors as error:
+            raise StorageError(f"cannot load into {self.table}: {one_line(error)}") from None
+
     def open(self) -> set[str]:
-        self._con = self._connect(autocommit=False)
+        self._con = self._connect()
         self._cursor = self._con.cursor()
         # held by the session, not the transaction: it covers the scratch table's cleanup
         self._run("SELECT pg_advisory_lock(hashtext($1))", f"sessions-export {self.table}")
@@ -192,7 +227,7 @@ class PostgresTarget:
                 f"schema {self.schema} does not exist in this database: create it, or pass "
                 "--schema"
             )
-        self._created = self._check_or_create()
+        self._created = not self._check_table()
         self._run(
             f"CREATE TABLE IF NOT EXISTS {self._ledger} (run_id text PRIMARY KEY, mode text, "
             "finished_at text, loaded_at timestamp with time zone NOT NULL, files integer, "
@@ -204,10 +239,14 @@ class PostgresTarget:
         return {row[0] for row in self._run(f"SELECT run_id FROM {self._ledger}")}
 
     def _check_scratch(self) -> None:
-        """A table under the scratch name must be a leftover scratch table (unlogged)."""
-        kind = self._run("SELECT relpersistence::text FROM pg_class WHERE oid = to_regclass($1)",
-                         self._scratch)
-        if kind and kind[0][0] != "u":
+        """A table under the scratch name must be a leftover scratch table (unlogged, or
+        marked as one)."""
+        kind = self._run(
+            "SELECT relpersistence = 'u' OR obj_description(oid, 'pg_class') IS NOT DISTINCT "
+            "FROM $2 FROM pg_class WHERE oid = to_regclass($1)",
+            self._scratch, SCRATCH_COMMENT,
+        )
+        if kind and not kind[0][0]:
             raise UsageError(
                 f"{self.schema}.{self.table_name}{SCRATCH_SUFFIX} exists and is not a scratch "
                 "table of this load (it would be dropped): rename it, or pass another --table"
@@ -215,21 +254,36 @@ class PostgresTarget:
 
     def _start_staging(self) -> None:
         """The scratch table, committed so the staging connections share it; a killed
-        load's leftover goes first."""
+        load's leftover goes first. For a missing table it is that table to be: logged,
+        with its columns."""
         for _ in range(STAGING_CONNECTIONS):
-            connection = self._connect(autocommit=True)
+            connection = self._connect(clone_of=self._con)
             self._staging.append(connection)
             self._stagers.put(connection.cursor())
-        cursor = self._stagers.queue[0]
-        staged = ", ".join(f"{ident(name)} {kind}" for name, kind in COLUMNS)
-        self._run(f"DROP TABLE IF EXISTS {self._scratch}", cursor=cursor)
-        # autovacuum would only analyze rows that are about to be dropped
-        self._run(f"CREATE UNLOGGED TABLE {self._scratch} ({staged}) "
-                  "WITH (autovacuum_enabled = off)", cursor=cursor)
         self._pool = ThreadPoolExecutor(STAGING_CONNECTIONS, thread_name_prefix="load-stage")
+        cursor = self._stagers.queue[0]
+        self._scratch_made = True  # from here on, close() drops it
+        self._run(f"DROP TABLE IF EXISTS {self._scratch}", cursor=cursor)
+        # autovacuum would only analyze rows that are about to be dropped or renamed
+        options = "WITH (autovacuum_enabled = off)"
+        if self._created:
+            self._run(f"CREATE TABLE {self._scratch} ({self._columns()}) {options}",
+                      cursor=cursor)
+            self._run(f"COMMENT ON TABLE {self._scratch} IS '{SCRATCH_COMMENT}'", cursor=cursor)
+        else:
+            staged = ", ".join(f"{ident(name)} {kind}" for name, kind in COLUMNS)
+            self._run(f"CREATE UNLOGGED TABLE {self._scratch} ({staged}) {options}",
+                      cursor=cursor)
+        self._commit(cursor.connection)  # for the other connections to see it
 
-    def _check_or_create(self) -> bool:
-        """True when the table had to be created (without its key: `merge` adds it)."""
+    @staticmethod
+    def _columns() -> str:
+        return ", ".join(
+            f"{ident(name)} {kind}{' NOT NULL' if not_null(name) else ''}" for name, kind in COLUMNS
+        )
+
+    def _check_table(self) -> bool:
+        """True when the table exists and fits; False when it is missing."""
         actual = self._run(
             "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute "
             "WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped "
@@ -237,12 +291,7 @@ class PostgresTarget:
             self._sessions,
         )
         if not actual:
-            columns = ", ".join(
-                f"{ident(name)} {kind}{' NOT NULL' if not_null(name) else ''}"
-                for name, kind in COLUMNS
-            )
-            self._run(f"CREATE TABLE {self._sessions} ({columns})")
-            return True
+            return False
         difference = table_difference(self.table, COLUMNS, [tuple(row) for row in actual])
         if difference is None and not self._run(
             "SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
@@ -256,16 +305,16 @@ class PostgresTarget:
             )
         if difference:
             raise UsageError(difference)
-        return False
+        return True
 
     def stage(self, latest: pa.Table) -> None:
         """Binary COPY into the scratch table on the next free staging connection; at most
         two partitions wait, so memory stays that of a few partitions."""
-        if self._pool is None:
+        if not self._scratch_made:
             self._start_staging()
         for name in JSON_COLUMNS:
             index = latest.schema.get_field_index(name)
-            latest = latest.set_column(index, name, as_jsonb_binary(latest[name]))
+            latest = latest.set_column(index, pa.field(name, JSON_TEXT), as_json(latest[name]))
         while len(self._pending) >= 2 * STAGING_CONNECTIONS:
             self._pending.popleft().result()
         self._ids.append(latest["id"])
@@ -276,28 +325,28 @@ class PostgresTarget:
         try:
             cursor.adbc_ingest(self.table_name + SCRATCH_SUFFIX, latest, mode="append",
                                db_schema_name=self.schema)
+            self._commit(cursor.connection)
         except self._errors as error:
             raise StorageError(f"cannot load into {self.table}: {one_line(error)}") from None
         finally:
             self._stagers.put(cursor)
 
     def merge(self) -> tuple[int, int]:
+        ids = pa.chunked_array([chunk for ids in self._ids for chunk in ids.chunks], pa.string())
+        # a session in two partitions is staged twice (the key refuses a repeated id); the
+        # sort costs more than the rest of the merge, so only then; counted while the last
+        # partitions are copied
+        repeats = len(pc.unique(ids)) < len(ids)
         while self._pending:
             self._pending.popleft().result()
-        if self._pool is None:
+        if not self._scratch_made:
             return 0, 0
+        if self._created:
+            return self._make_table(len(ids), repeats), 0
         latest = f"SELECT {self._names} FROM {self._scratch}"
-        ids = pa.chunked_array([chunk for ids in self._ids for chunk in ids.chunks], pa.string())
-        if pc.count_distinct(ids).as_py() < len(ids):
-            # one row per id when a session sits in two partitions (the key refuses a
-            # repeated id); the sort costs the plain insert twice its time, so only then
+        if repeats:
             latest = f"SELECT DISTINCT ON (id) {self._names} FROM {self._scratch} " \
                      f"ORDER BY {LATEST_FIRST}"
-        if self._created:  # nothing to conflict with: a plain insert, then the key
-            self._run(f"INSERT INTO {self._sessions} ({self._names}) {latest}")
-            inserted = self._cursor.rowcount
-            self._add_key()
-            return inserted, 0
         updates = ", ".join(
             f"{ident(n)} = EXCLUDED.{ident(n)}" for n, _ in COLUMNS if n != "id"
         )
@@ -310,11 +359,29 @@ class PostgresTarget:
         )
         return rows[0][0], rows[0][1]
 
-    def _add_key(self) -> None:
-        """The primary key of a table this load created, built once over all its rows."""
-        if self._created:
-            self._run(f"ALTER TABLE {self._sessions} ADD PRIMARY KEY (id)")
-            self._created = False
+    def _make_table(self, staged: int = 0, repeats: bool = False) -> int:
+        """The missing table, in the transaction: the scratch table, each id's older versions
+        deleted, renamed into place; or an empty one when nothing was staged. Its key is
+        built once over all its rows. The number of rows it holds."""
+        if self._made:
+            return 0
+        self._made = True
+        if not self._scratch_made:
+            self._run(f"CREATE TABLE {self._sessions} ({self._columns()}, PRIMARY KEY (id))")
+            return 0
+        if repeats:
+            versions = (f"SELECT ctid, row_number() OVER (PARTITION BY id ORDER BY "
+                        f"{LATEST_FIRST}) AS n FROM {self._scratch} WHERE id IN "
+                        f"(SELECT id FROM {self._scratch} GROUP BY id HAVING count(*) > 1)")
+            self._run(f"DELETE FROM {self._scratch} WHERE ctid IN "
+                      f"(SELECT ctid FROM ({versions}) AS versions WHERE n > 1)")
+            staged -= self._cursor.rowcount
+        self._run(f"ALTER TABLE {self._scratch} RENAME TO {ident(self.table_name)}")
+        self._run(f"ALTER TABLE {self._sessions} RESET (autovacuum_enabled), "
+                  "ADD PRIMARY KEY (id)")
+        self._run(f"COMMENT ON TABLE {self._sessions} IS NULL")
+        self._rows = staged
+        return staged
 
     def record(self, runs: list[LoadedRun]) -> None:
         ledger = pa.Table.from_pylist(
@@ -333,14 +400,15 @@ class PostgresTarget:
             raise StorageError(f"cannot load into {self.table}: {one_line(error)}") from None
 
     def count(self) -> int:
+        if self._created:  # a new table with nothing to load is still made
+            self._make_table()
+            return self._rows
         return self._run(f"SELECT count(*) FROM {self._sessions}")[0][0]
 
     def commit(self) -> None:
-        self._add_key()  # a new table with nothing to load still gets its key
-        try:
-            self._con.commit()
-        except self._errors as error:
-            raise StorageError(f"cannot load into {self.table}: {one_line(error)}") from None
+        if self._created:
+            self._make_table()
+        self._commit(self._con)
 
     def close(self) -> None:
         """Roll back what is uncommitted, drop the scratch table while the lock still keeps
@@ -352,7 +420,7 @@ class PostgresTarget:
         if self._con is None:
             return
         try:
-            if self._pool is not None:
+            if self._scratch_made:
                 self._con.rollback()  # nothing half-loaded; a no-op after commit
                 self._run(f"DROP TABLE IF EXISTS {self._scratch}")
                 self._con.commit()
