@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from queue import Queue
@@ -130,7 +131,8 @@ def as_json(texts: pa.ChunkedArray) -> pa.ChunkedArray:
 def import_driver() -> ModuleType:
     """ADBC's DB-API without polars, which it imports (0.15 s) only to offer polars results
     the load never asks for; polars stays importable afterwards."""
-    absent = "polars" not in sys.modules
+    # only while no other thread runs: one importing polars meanwhile would get an error
+    absent = "polars" not in sys.modules and threading.active_count() == 1
     if absent:
         sys.modules["polars"] = None  # type: ignore[assignment]  # import fails: not offered
     try:
