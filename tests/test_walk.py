@@ -144,3 +144,15 @@ def test_prefetched_stops_its_producer_when_the_consumer_stops():
     count = len(produced)
     threading.Event().wait(0.3)
     assert len(produced) == count <= 4
+
+
+def test_the_page_parse_of_timestamps_agrees_with_the_one_by_one_parse():
+    from pipeline.timestamps import parse_timestamp_ms, parse_timestamps_ms
+
+    texts = ["2026-11-29T18:20:57.123Z", "1969-12-31T23:59:59.999Z", "2026-11-29T18:20:57Z",
+             "2026-11-29T18:20:57.123+02:00", "0001-01-01T00:00:00.000Z"]
+    assert parse_timestamps_ms(texts) == [parse_timestamp_ms(t) for t in texts]
+    # what Arrow refuses (no offset, sub-millisecond digits, not a time) is left to the
+    # one-by-one parse, as the flatten leaves it
+    for odd in ("2026-11-29T18:20:57.123", "2026-11-29T18:20:57.123456Z", "yesterday"):
+        assert parse_timestamps_ms([texts[0], odd]) is None

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from pipeline.api.client import PAGE_SIZE, SessionPage
 from pipeline.api.records import ListedSession
 from pipeline.errors import ApiError, CursorLoop
-from pipeline.timestamps import parse_timestamp_ms
+from pipeline.timestamps import parse_timestamp_ms, parse_timestamps_ms
 
 T = TypeVar("T")
 Session = dict[str, Any]
@@ -168,6 +168,10 @@ def _row_keys(page: SessionPage) -> tuple[list[str], list[int]]:
     else:
         ids = [session["id"] for session in page.sessions]
         stamps = [session.get("createdAt") for session in page.sessions]
+    if page.keys is not None:  # all strings: one cast for the page, as the flatten's
+        created = parse_timestamps_ms(stamps)  # type: ignore[arg-type]
+        if created is not None and None not in created:
+            return ids, created
     return ids, [_created_ms(stamp, sid) for stamp, sid in zip(stamps, ids, strict=True)]
 
 

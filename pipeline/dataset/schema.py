@@ -12,9 +12,11 @@ from typing import Literal
 
 import pyarrow as pa
 
+from pipeline.timestamps import UTC_MS
+
 Kind = Literal["string", "json", "timestamp", "string_list", "int32", "int64", "meta"]
 
-TIMESTAMP = pa.timestamp("ms", tz="UTC")
+TIMESTAMP = UTC_MS  # one definition, shared with the walker's parse
 TRIGGER_CONFIG = "triggerConfig"
 
 _ARROW_TYPES: dict[str, pa.DataType] = {

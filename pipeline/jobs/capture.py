@@ -25,13 +25,12 @@ from pipeline.api.client import PAGE_SIZE, TriggerClient
 from pipeline.dataset.layout import day_of, file_rows, files_by_partition, version_keys
 from pipeline.jobs.core import (
     BATCH_ROWS,
-    PREFETCH_PAGES,
     FlushingWriter,
     KnownVersions,
     Prepared,
     RowPreparer,
     Rows,
-    batched,
+    batch_stream,
     listing_for,
     page_stream,
     wall_clock_ms,
@@ -136,8 +135,8 @@ class ChangeCapture:
     ) -> None:
         cost = self.costs["active"]
         listing = listing_for(Window(None, None), {**filters, "status": "ACTIVE"})
-        pages = page_stream(self.client, listing, depth=PREFETCH_PAGES)
-        for batch in batched(pages, min(BATCH_ROWS, writer.sink.flush_rows)):
+        rows = min(BATCH_ROWS, writer.sink.flush_rows)
+        for batch in batch_stream(self.client, listing, rows=rows):
             cost.pages += len(batch)
             for _ in batch:
                 writer.page()

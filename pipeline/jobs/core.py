@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], int]  # epoch milliseconds
 BATCH_ROWS = 1000  # listed rows prepared at once
-PREFETCH_PAGES = 16  # pages walked ahead of the batch being prepared
+BATCH_PAGES = 10  # and at most this many pages (a status re-check can thin them out)
 Session = dict[str, Any]
 
 def wall_clock_ms() -> int:
@@ -68,11 +68,20 @@ def page_stream(
     listing: Listing,
     state: WalkState | None = None,
     floor: Callable[[], int | None] | None = None,
-    depth: int = 2,
 ) -> Iterator[WalkedPage]:
-    """Every listing's pages: the exact walk, its loop guard, the next `depth` pages walked
-    while the consumer works."""
-    return prefetched(walk_listing(client.list_sessions, listing, state, floor), depth)
+    """Every listing's pages: the exact walk, its loop guard, the next request in flight."""
+    return prefetched(walk_listing(client.list_sessions, listing, state, floor))
+
+
+def batch_stream(
+    client: TriggerClient,
+    listing: Listing,
+    state: WalkState | None = None,
+    rows: int = BATCH_ROWS,
+) -> Iterator[list[WalkedPage]]:
+    """A listing's pages in batches (`batched`), grouped by the walking thread: the consumer
+    is woken once a batch, not once a page, and the next batch is walked meanwhile."""
+    return prefetched(batched(walk_listing(client.list_sessions, listing, state), rows))
 
 
 # -- which versions are held already ---------------------------------------------------------
@@ -155,14 +164,15 @@ class Rows:
 
 
 def batched(pages: Iterator[WalkedPage], rows: int = BATCH_ROWS) -> Iterator[list[WalkedPage]]:
-    """Consecutive pages in batches of about `rows` kept rows (a page that ends the walk
-    ends its batch): one preparation per batch costs far less than one per page."""
+    """Consecutive pages in batches of about `rows` kept rows and at most `BATCH_PAGES`
+    pages (a page that ends the walk ends its batch): one preparation per batch costs far
+    less than one per page."""
     batch: list[WalkedPage] = []
     count = 0
     for page in pages:
         batch.append(page)
         count += page.count
-        if count >= rows or page.state.done:
+        if count >= rows or len(batch) >= BATCH_PAGES or page.state.done:
             yield batch
             batch, count = [], 0
     if batch:

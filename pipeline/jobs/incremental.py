@@ -27,7 +27,6 @@ from pipeline.dataset.sink import ParquetSink
 from pipeline.jobs.capture import ChangeCapture, PartCost, active_rows, live_mask
 from pipeline.jobs.core import (
     BATCH_ROWS,
-    PREFETCH_PAGES,
     Clock,
     Flushed,
     FlushingWriter,
@@ -37,11 +36,10 @@ from pipeline.jobs.core import (
     Rows,
     RunSummary,
     RunTotals,
-    batched,
+    batch_stream,
     finish_report,
     listing_for,
     new_run_id,
-    page_stream,
     wall_clock_ms,
 )
 from pipeline.jobs.enrich import TriggerConfigFiller
@@ -221,9 +219,9 @@ class IncrementalRun:
         resume = WalkState.from_dict(progress.walk) if progress.walk else None
         cost = self.window_cost
         listing = listing_for(progress.window, progress.filters)
-        pages = page_stream(self.client, listing, resume, depth=PREFETCH_PAGES)
         # a batch never holds more rows than a flush, so flushes come as often as asked
-        for batch in batched(pages, min(BATCH_ROWS, self.options.flush_rows)):
+        rows = min(BATCH_ROWS, self.options.flush_rows)
+        for batch in batch_stream(self.client, listing, resume, rows):
             cost.pages += len(batch)
             for page in batch:
                 writer.page()

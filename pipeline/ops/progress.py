@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger("pipeline.ops.progress")
 
@@ -36,6 +37,8 @@ class BackfillProgress:
         eta = elapsed * (1 - covered) / covered if covered > 0 else None
         if self.interactive:
             if self._bar is None:
+                from tqdm import tqdm  # only where a bar is shown: ~20 ms of startup
+
                 self._bar = tqdm(
                     total=1000,
                     unit="‰",
@@ -103,6 +106,8 @@ class RunProgressDisplay:
         elapsed = max(1e-6, time.monotonic() - self._started)
         if self.interactive:
             if self._bar is None:
+                from tqdm import tqdm
+
                 self._bar = tqdm(unit=" pages", desc="export", file=sys.stderr, leave=False)
             self._bar.n = pages
             self._bar.set_postfix_str(
