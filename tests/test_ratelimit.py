@@ -73,3 +73,30 @@ def test_delay_after_429_waits_until_the_reset():
     delay = limiter.delay_after_429(headers(0, 10_500), received_ms=10_000)
     assert 0.5 <= delay < 0.6
     assert limiter.available == 0
+
+
+def test_the_refill_is_learned_under_concurrency_and_not_from_a_full_bucket():
+    clock = Clock()
+    limiter = RateLimiter(clock)
+    base = int(clock.now * 1000)
+    first = limiter.acquire()
+    limiter.observe(headers(40, base + 500, limit=50), ticket=first)
+    # the bucket refills 20 to a full 50 while 5 requests are out: a full bucket says only
+    # "at least 15", so nothing is learned from it
+    tickets = [limiter.acquire() for _ in range(5)]
+    clock.now += 0.51
+    limiter.observe(headers(45, base + 1000, limit=50), ticket=tickets[-1])
+    for _ in tickets[:-1]:
+        limiter.release()  # their answers never came
+    assert limiter.interval_ms == 500 and limiter.refill is None
+    # drained to 10, then a refill of 20 seen by the 8th of 8 requests sent meanwhile:
+    # 10 + 20 - 8 = 22 remaining, and the refill is 20 (not 22 - 10 + 1 = 13)
+    last = limiter.acquire()
+    limiter.observe(headers(10, base + 1000, limit=50), ticket=last)
+    tickets = [limiter.acquire() for _ in range(8)]
+    clock.now += 0.5
+    limiter.observe(headers(22, base + 1500, limit=50), ticket=tickets[-1])
+    assert limiter.refill == 20
+    # a response to an earlier request, arriving later, teaches nothing
+    limiter.observe(headers(30, base + 2000, limit=50), ticket=tickets[0])
+    assert limiter.refill == 20

@@ -280,7 +280,7 @@ class TriggerClient:
         """One attempt, including any number of 429 waits (they are not faults)."""
         waited = 0.0
         while True:
-            self.limiter.acquire()
+            ticket = self.limiter.acquire()
             self.stats.add(requests=1)
             try:
                 response = self._http.request(method, path, params=params)
@@ -294,7 +294,7 @@ class TriggerClient:
                     ) from None
                 raise TransientError(_describe_transport(error)) from None
             received_ms = time.time_ns() // 1_000_000
-            self.limiter.observe(response.headers, received_ms)
+            self.limiter.observe(response.headers, received_ms, ticket)
             status = response.status_code
             if status == 429:
                 self.stats.add(rate_limited=1)

@@ -30,14 +30,18 @@ class RateLimiter:
         self.interval_ms: int | None = None  # time between refills, once learned
         self.in_flight = 0
         self.waits = 0
+        self.sent = 0  # requests let through so far: each one's ticket
         self._last_remaining: int | None = None
+        self._last_ticket: int | None = None  # the request whose response said _last_remaining
+        self._server_reset: int | None = None  # the newest reset a response carried
         self._probed_reset: int | None = None
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
-    def acquire(self) -> None:
-        """Block until a request may be sent, then count it as in flight."""
+    def acquire(self) -> int:
+        """Block until a request may be sent, then count it as in flight; its ticket (the
+        how-many-th request it is) goes back to `observe` with its response."""
         with self._cond:
             while True:
                 now = self._now_ms()
@@ -46,7 +50,8 @@ class RateLimiter:
                     if self.available is not None:
                         self.available -= 1
                     self.in_flight += 1
-                    return
+                    self.sent += 1
+                    return self.sent
                 if self.reset_ms is None:  # never saw a reset: nothing to wait for
                     self.available = None
                     continue
@@ -61,8 +66,14 @@ class RateLimiter:
             self.in_flight = max(0, self.in_flight - 1)
             self._cond.notify_all()
 
-    def observe(self, headers: Mapping[str, str], received_ms: int | None = None) -> None:
-        """Update the model from one response's headers."""
+    def observe(
+        self,
+        headers: Mapping[str, str],
+        received_ms: int | None = None,
+        ticket: int | None = None,
+    ) -> None:
+        """Update the model from one response's headers (`ticket`: its request's, from
+        `acquire`)."""
         limit = _int_header(headers, "x-ratelimit-limit")
         remaining = _int_header(headers, "x-ratelimit-remaining")
         reset = _int_header(headers, "x-ratelimit-reset")
@@ -73,14 +84,16 @@ class RateLimiter:
                 return
             self.limit = limit if limit is not None else self.limit
             others = self.in_flight  # sent by us, perhaps not yet counted by the server
+            if self._server_reset is not None and reset > self._server_reset:
+                self._learn(reset - self._server_reset, remaining, ticket)
+            if self._server_reset is None or reset >= self._server_reset:
+                self._server_reset = reset
+                self._last_remaining, self._last_ticket = remaining, ticket
             if self.reset_ms is None or reset > self.reset_ms:
-                if self.reset_ms is not None:
-                    self._learn(reset, remaining)
                 self.reset_ms = reset
                 self.available = max(0, remaining - others)
             elif reset == self.reset_ms and self.available is not None:
                 self.available = max(0, min(self.available, remaining - others))
-            self._last_remaining = remaining
             self._cond.notify_all()
 
     def delay_after_429(self, headers: Mapping[str, str], received_ms: int) -> float:
@@ -95,15 +108,27 @@ class RateLimiter:
             return 1.0
         return max(0.05, (target + _SAFETY_MS - received_ms) / 1000)
 
-    def _learn(self, new_reset: int, remaining: int) -> None:
-        assert self.reset_ms is not None
-        step = new_reset - self.reset_ms
-        if step > 0 and (self.interval_ms is None or step < self.interval_ms):
+    def _learn(self, step: int, remaining: int, ticket: int | None) -> None:
+        """Learn the refill interval and size from the server's bucket entering a new period
+        (`step` ms after the last one seen). Every period is a sample: the smallest step is
+        the interval, the largest refill seen over one interval is the refill size."""
+        if self.interval_ms is None or step < self.interval_ms:
             self.interval_ms = step
-        if self._last_remaining is not None and self.interval_ms and step == self.interval_ms:
-            gained = remaining - self._last_remaining + 1  # +1: this request's own token
-            if gained > 0 and (self.refill is None or gained > self.refill):
-                self.refill = gained
+        if self._last_remaining is None or step != self.interval_ms:
+            return
+        # the server spent a token on every request sent after the last one observed, up to
+        # this one (under concurrency, more than this request's own): not counting them
+        # would learn the refill short, and leave part of the bucket unused
+        spent = 1
+        if ticket is not None and self._last_ticket is not None:
+            if ticket <= self._last_ticket:
+                return  # answered out of order: says nothing sure about the refill
+            spent = ticket - self._last_ticket
+        gained = remaining - self._last_remaining + spent
+        if self.limit is not None and remaining + spent >= self.limit and self._last_remaining:
+            return  # the refill filled the bucket: it is at least `gained`, not known
+        if gained > 0 and (self.refill is None or gained > self.refill):
+            self.refill = gained
 
     def _advance(self, now_ms: int) -> None:
         """Apply the refills that the server has made since the last known reset."""
