@@ -129,12 +129,8 @@ def _iso(epoch_ms: int) -> str:
     return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
-def created_ms(session: Session) -> int:
-    """`createdAt` in epoch ms (the API writes ISO-8601 UTC with milliseconds)."""
-    return _created_ms(session.get("createdAt"), session.get("id"))
-
-
 def _created_ms(stamp: object, session_id: object) -> int:
+    """`createdAt` in epoch ms (the API writes ISO-8601 UTC with milliseconds)."""
     try:
         return parse_timestamp_ms(stamp)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -164,14 +160,14 @@ def _row_keys(page: SessionPage) -> tuple[list[str], list[int]]:
     dict is built), else from the dicts."""
     if page.keys is not None:
         ids = [row.id for row in page.keys]
-        stamps: list[object] = [row.createdAt for row in page.keys]
+        texts = [row.createdAt for row in page.keys]
+        created = parse_timestamps_ms(texts)  # all strings: one cast, as the flatten's
+        if created is not None:
+            return ids, created
+        stamps: list[object] = list(texts)
     else:
         ids = [session["id"] for session in page.sessions]
         stamps = [session.get("createdAt") for session in page.sessions]
-    if page.keys is not None:  # all strings: one cast for the page, as the flatten's
-        created = parse_timestamps_ms(stamps)  # type: ignore[arg-type]
-        if created is not None and None not in created:
-            return ids, created
     return ids, [_created_ms(stamp, sid) for stamp, sid in zip(stamps, ids, strict=True)]
 
 

@@ -19,6 +19,7 @@ from pipeline.dataset.load import (
     require_module,
     table_difference,
 )
+from pipeline.dataset.schema import TIMESTAMP
 from pipeline.errors import StorageError, UsageError
 
 SESSIONS_TABLE = "sessions"
@@ -29,7 +30,7 @@ COLUMNS = column_types(
     {
         pa.string(): "VARCHAR",
         pa.list_(pa.string()): "VARCHAR[]",
-        pa.timestamp("ms", tz="UTC"): "TIMESTAMP WITH TIME ZONE",
+        TIMESTAMP: "TIMESTAMP WITH TIME ZONE",
         pa.int32(): "INTEGER",
         pa.int64(): "BIGINT",
     },

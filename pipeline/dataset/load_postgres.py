@@ -38,6 +38,7 @@ from pipeline.dataset.load import (
     require_module,
     table_difference,
 )
+from pipeline.dataset.schema import TIMESTAMP
 from pipeline.errors import StorageError, UsageError
 
 # spelled as PostgreSQL's format_type() reports them, so a check compares like with like
@@ -45,7 +46,7 @@ COLUMNS = column_types(
     {
         pa.string(): "text",
         pa.list_(pa.string()): "text[]",
-        pa.timestamp("ms", tz="UTC"): "timestamp with time zone",
+        TIMESTAMP: "timestamp with time zone",
         pa.int32(): "integer",
         pa.int64(): "bigint",
     },

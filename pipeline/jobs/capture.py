@@ -24,7 +24,6 @@ import pyarrow.parquet as pq
 from pipeline.api.client import PAGE_SIZE, TriggerClient
 from pipeline.dataset.layout import day_of, file_rows, files_by_partition, version_keys
 from pipeline.jobs.core import (
-    BATCH_ROWS,
     FlushingWriter,
     KnownVersions,
     Prepared,
@@ -135,8 +134,7 @@ class ChangeCapture:
     ) -> None:
         cost = self.costs["active"]
         listing = listing_for(Window(None, None), {**filters, "status": "ACTIVE"})
-        rows = min(BATCH_ROWS, writer.sink.flush_rows)
-        for batch in batch_stream(self.client, listing, rows=rows):
+        for batch in batch_stream(self.client, listing, flush_rows=writer.sink.flush_rows):
             cost.pages += len(batch)
             for _ in batch:
                 writer.page()

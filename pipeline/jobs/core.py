@@ -77,10 +77,12 @@ def batch_stream(
     client: TriggerClient,
     listing: Listing,
     state: WalkState | None = None,
-    rows: int = BATCH_ROWS,
+    flush_rows: int = BATCH_ROWS,
 ) -> Iterator[list[WalkedPage]]:
     """A listing's pages in batches (`batched`), grouped by the walking thread: the consumer
-    is woken once a batch, not once a page, and the next batch is walked meanwhile."""
+    is woken once a batch, not once a page, and the next batch is walked meanwhile. A batch
+    never holds more rows than a flush (`flush_rows`), so flushes come as often as asked."""
+    rows = min(BATCH_ROWS, flush_rows)
     return prefetched(batched(walk_listing(client.list_sessions, listing, state), rows))
 
 
@@ -106,8 +108,8 @@ class KnownVersions:
         (a resumed run rewrites those under the same names, so their rows must be written)."""
         return cls(StoredVersions(storage, window.from_ms, window.to_ms, skip_run))
 
-    def add(self, keys: pa.Array | pa.ChunkedArray | list[str]) -> None:
-        self._held.update(keys if isinstance(keys, list) else keys.to_pylist())
+    def add(self, keys: pa.Array | pa.ChunkedArray) -> None:
+        self._held.update(keys.to_pylist())
 
     def fresh(self, table: pa.Table, remember: bool) -> list[bool] | None:
         """For each row of `table`, whether its version is not held yet (None: none is held,

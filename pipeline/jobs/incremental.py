@@ -26,7 +26,6 @@ from pipeline.dataset.manifest import iso_ms
 from pipeline.dataset.sink import ParquetSink
 from pipeline.jobs.capture import ChangeCapture, PartCost, active_rows, live_mask
 from pipeline.jobs.core import (
-    BATCH_ROWS,
     Clock,
     Flushed,
     FlushingWriter,
@@ -219,9 +218,7 @@ class IncrementalRun:
         resume = WalkState.from_dict(progress.walk) if progress.walk else None
         cost = self.window_cost
         listing = listing_for(progress.window, progress.filters)
-        # a batch never holds more rows than a flush, so flushes come as often as asked
-        rows = min(BATCH_ROWS, self.options.flush_rows)
-        for batch in batch_stream(self.client, listing, resume, rows):
+        for batch in batch_stream(self.client, listing, resume, self.options.flush_rows):
             cost.pages += len(batch)
             for page in batch:
                 writer.page()
