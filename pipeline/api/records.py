@@ -26,7 +26,7 @@ JSON_NULL = b"null"
 _NULL = msgspec.Raw(JSON_NULL)
 
 
-class ListedTriggerConfig(msgspec.Struct, forbid_unknown_fields=True):
+class ListedTriggerConfig(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     basePayload: msgspec.Raw = _NULL
     machine: str | None = None
     queue: str | None = None
@@ -38,7 +38,7 @@ class ListedTriggerConfig(msgspec.Struct, forbid_unknown_fields=True):
     idleTimeoutInSeconds: int | None = None
 
 
-class ListedSession(msgspec.Struct, forbid_unknown_fields=True):
+class ListedSession(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """One list row; `triggerConfig` is UNSET when the row leaves it out (not null)."""
 
     id: str
@@ -56,7 +56,7 @@ class ListedSession(msgspec.Struct, forbid_unknown_fields=True):
     triggerConfig: ListedTriggerConfig | None | msgspec.UnsetType = msgspec.UNSET
 
 
-class ListedKey(msgspec.Struct):
+class ListedKey(msgspec.Struct, gc=False):
     """What the walk reads of a list row; every other field is skipped (but still checked
     to be well-formed JSON)."""
 
@@ -66,7 +66,7 @@ class ListedKey(msgspec.Struct):
     expiresAt: Any = None
 
 
-class _Pagination(msgspec.Struct):
+class _Pagination(msgspec.Struct, gc=False):
     next: str | None = None
 
 
