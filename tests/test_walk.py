@@ -17,9 +17,10 @@ def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
-def upstream(rows, size=3, hide=frozenset()):
+def upstream(rows, size=3, hide=frozenset(), spell=iso):
     """`WHERE created in [from, to] AND id < cursor ORDER BY created DESC, id DESC LIMIT size+1`,
-    then rows in `hide` dropped (the status re-check) when filter[status] is sent."""
+    then rows in `hide` dropped (the status re-check) when filter[status] is sent. `spell`
+    writes createdAt (the API's own shape by default)."""
 
     def fetch(params):
         low = int(params.get("filter[createdAt][from]", 0))
@@ -33,7 +34,7 @@ def upstream(rows, size=3, hide=frozenset()):
         page = found[:size]
         nxt = page[-1][0] if len(found) > size else None
         shown = [r for r in page if "filter[status]" not in params or r[0] not in hide]
-        data = [{"id": i, "createdAt": iso(c), "closedAt": None,
+        data = [{"id": i, "createdAt": spell(c), "closedAt": None,
                  "expiresAt": iso(BASE) if i in hide else None} for i, c in shown]
         return SessionPage(data, nxt, BASE + 10**9)
 
@@ -156,3 +157,54 @@ def test_the_page_parse_of_timestamps_agrees_with_the_one_by_one_parse():
     # one-by-one parse, as the flatten leaves it
     for odd in ("2026-11-29T18:20:57.123", "2026-11-29T18:20:57.123456Z", "yesterday"):
         assert parse_timestamps_ms([texts[0], odd]) is None
+
+
+def _offset_spelling(ms: int) -> str:
+    """The same instant as `iso`, in a shape the API does not write (walked as epoch ms)."""
+    return iso(ms)[:-1] + "+00:00"
+
+
+@pytest.mark.parametrize("listing", [
+    Listing(page_size=3),
+    Listing(page_size=3, from_ms=BASE + 2, to_ms=BASE + 80),
+    Listing({"filter[status]": "ACTIVE"}, page_size=3),
+])
+def test_createdat_compared_as_text_walks_as_parsed(listing):
+    # the API's fixed-width createdAt is compared as text; any other spelling is parsed: the
+    # two walks must be the same page for page, state for state
+    rows = [(f"m{n:02d}", BASE + 50) for n in range(8)] + [
+        (f"r{n:02d}", BASE + 10 + 3 * n) for n in range(30)] + SKEWED
+    hide = frozenset({"r24", "r25", "r26", "m03", "r11"})
+    walks = []
+    for spell in (iso, _offset_spelling):
+        fetch, sent = upstream(rows, size=3, hide=hide, spell=spell), []
+
+        def counted(params, fetch=fetch, sent=sent):
+            sent.append(params)
+            if params.get("filter[createdAt][from]") != params.get("filter[createdAt][to]"):
+                # the floor is left out (not a pinned millisecond): the walk must apply it
+                params = {k: v for k, v in params.items() if k != "filter[createdAt][from]"}
+            return fetch(params)
+
+        def rising_floor(sent=sent):  # as a backfill's split raises it while pages are out
+            return BASE + 40 if len(sent) >= 4 else listing.from_ms
+
+        pages = walk_listing(counted, listing, floor=rising_floor)
+        walks.append([(p.ids, p.created, p.state) for p in pages])
+    assert walks[0] == walks[1]
+    assert len({sid for ids, _, _ in walks[0] for sid in ids}) == sum(
+        len(ids) for ids, _, _ in walks[0])
+
+
+def test_the_text_order_is_taken_only_for_the_api_shape():
+    from pipeline.api.walker import _in_text_order, _iso_ms_text
+    from pipeline.timestamps import parse_timestamp_ms
+
+    good = ["2026-11-29T18:20:57.123Z", "0001-01-01T00:00:00.000Z", "1969-12-31T23:59:59.999Z"]
+    assert _in_text_order(good) and _in_text_order([])
+    for odd in ("2026-11-29T18:20:57.123+00:00", "2026-11-29T18:20:57Z",
+                "2026-11-29T18:20:57.1234Z", "2026-11-29T18:2a:57.123Z", "2026-11-29 18:20:57.123Z"):
+        assert not _in_text_order([good[0], odd]), odd
+    for text in good:
+        assert _iso_ms_text(parse_timestamp_ms(text)) == text
+    assert _iso_ms_text(None) is None and _iso_ms_text(10**18) is None

@@ -20,11 +20,13 @@ it advance: `walk_listing` stops with `CursorLoop` (exit 4) instead of looping.
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any, TypeVar
 
 from pipeline.api.client import PAGE_SIZE, SessionPage
@@ -79,8 +81,14 @@ class WalkedPage:
     page: SessionPage
     keep: list[int]  # indices into the page's rows
     ids: list[str]  # of the kept rows
-    created: list[int]  # createdAt (epoch ms) of the kept rows
+    stamps: list[str]  # createdAt of the kept rows, as the API wrote it
     state: WalkState  # the walk after this page: what a checkpoint stores
+
+    @cached_property
+    def created(self) -> list[int]:
+        """createdAt (epoch ms) of the kept rows, parsed on first use (off the walk's
+        thread: the walk itself compares the texts)."""
+        return _parse_created(self.stamps, self.ids)
 
     @property
     def received_at_ms(self) -> int:
@@ -121,12 +129,47 @@ class WalkedPage:
             self,
             keep=[self.keep[n] for n in positions],
             ids=[self.ids[n] for n in positions],
-            created=[self.created[n] for n in positions],
+            stamps=[self.stamps[n] for n in positions],
         )
 
 
 def _iso(epoch_ms: int) -> str:
     return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+# createdAt as the API writes it (JavaScript's toISOString): one fixed width, so for texts
+# of this shape the text order is the time order and the walk compares them as they are
+_ISO_MS_WIDTH = 24
+_ISO_MS_TEXTS = re.compile(r"(?:\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)*")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _iso_ms_text(epoch_ms: int | None) -> str | None:
+    """`epoch_ms` in the API's createdAt shape, or None when it has none (no bound, or a
+    year outside 0001-9999)."""
+    if epoch_ms is None:
+        return None
+    try:
+        moment = _EPOCH + timedelta(milliseconds=epoch_ms)
+    except OverflowError:
+        return None
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _in_text_order(stamps: list[str]) -> bool:
+    """Whether every stamp has the API's fixed-width createdAt shape (digits checked)."""
+    return (
+        all(len(stamp) == _ISO_MS_WIDTH for stamp in stamps)
+        and _ISO_MS_TEXTS.fullmatch("".join(stamps)) is not None
+    )
+
+
+def _parse_created(stamps: list[str], ids: list[str]) -> list[int]:
+    """createdAt texts to epoch ms: one Arrow cast (the flatten's), else one by one."""
+    created = parse_timestamps_ms(stamps) if stamps else []
+    if created is not None:
+        return created
+    return [_created_ms(stamp, sid) for stamp, sid in zip(stamps, ids, strict=True)]
 
 
 def _created_ms(stamp: object, session_id: object) -> int:
@@ -155,20 +198,25 @@ def status_of(closed_at: object, expires_at: object, now_ms: int) -> str:
     return "ACTIVE"
 
 
-def _row_keys(page: SessionPage) -> tuple[list[str], list[int]]:
-    """Each row's id and createdAt (epoch ms), from the row keys when the page has them (no
-    dict is built), else from the dicts."""
+def _row_keys(page: SessionPage) -> tuple[list[str], list[str]]:
+    """Each row's id and createdAt text, from the row keys when the page has them (no dict
+    is built), else from the dicts (the generic decode checked both are strings)."""
     if page.keys is not None:
-        ids = [row.id for row in page.keys]
-        texts = [row.createdAt for row in page.keys]
-        created = parse_timestamps_ms(texts)  # all strings: one cast, as the flatten's
-        if created is not None:
-            return ids, created
-        stamps: list[object] = list(texts)
-    else:
-        ids = [session["id"] for session in page.sessions]
-        stamps = [session.get("createdAt") for session in page.sessions]
-    return ids, [_created_ms(stamp, sid) for stamp, sid in zip(stamps, ids, strict=True)]
+        return [row.id for row in page.keys], [row.createdAt for row in page.keys]
+    sessions = page.sessions
+    return [s["id"] for s in sessions], [s["createdAt"] for s in sessions]
+
+
+def _comparable(
+    ids: list[str], stamps: list[str], top_ms: int | None, floor_ms: int | None
+) -> tuple[list[Any], Any, Any]:
+    """The rows' createdAt and the two bounds in one comparable form: the texts as they are
+    when they all have the API's fixed-width shape (nothing parsed), else epoch ms."""
+    if _in_text_order(stamps):
+        top, floor = _iso_ms_text(top_ms), _iso_ms_text(floor_ms)
+        if (top is None) == (top_ms is None) and (floor is None) == (floor_ms is None):
+            return stamps, top, floor
+    return _parse_created(stamps, ids), top_ms, floor_ms
 
 
 def _row_status(page: SessionPage, index: int, now_ms: int) -> str:
@@ -211,12 +259,12 @@ class KeysetWalk:
     ) -> tuple[WalkedPage, WalkState]:
         """The rows of `page` new to the walk, and the state for the next request."""
         met = set(state.seen)
-        ids, created = _row_keys(page)
+        ids, stamps = _row_keys(page)
+        created, top, floor = _comparable(ids, stamps, state.to_ms, floor_ms)
         keep: list[int] = []
-        oldest: int | None = None
+        oldest: Any = None  # in the form `_comparable` gives, epoch ms after the loop
         at_oldest: list[str] = []
         rows_at_top = 0
-        top = state.to_ms
         unfiltered = state.probe and self.status is not None
         for index, (sid, stamp) in enumerate(zip(ids, created, strict=True)):
             if top is not None and stamp >= top:
@@ -227,15 +275,17 @@ class KeysetWalk:
                 oldest, at_oldest = stamp, [sid]
             elif stamp == oldest:
                 at_oldest.append(sid)
-            if sid in met or (floor_ms is not None and stamp < floor_ms):
+            if sid in met or (floor is not None and stamp < floor):
                 continue
             met.add(sid)
             if unfiltered and _row_status(page, index, page.received_at_ms) != self.status:
                 continue
             keep.append(index)
+        if isinstance(oldest, str):
+            oldest = _created_ms(oldest, at_oldest[0])
         following = self._next(state, page, floor_ms, oldest, at_oldest, rows_at_top, met)
         walked = WalkedPage(
-            page, keep, [ids[i] for i in keep], [created[i] for i in keep], following
+            page, keep, [ids[i] for i in keep], [stamps[i] for i in keep], following
         )
         return walked, following
 

@@ -220,16 +220,16 @@ class IncrementalRun:
         listing = listing_for(progress.window, progress.filters)
         for batch in batch_stream(self.client, listing, resume, self.options.flush_rows):
             cost.pages += len(batch)
-            for page in batch:
+            for _ in batch:
                 writer.page()
-                if page.created:
-                    newest = max(page.created)
-                    self._max_created = max(self._max_created or newest, newest)
             # the keyset walk never returns a row twice, so `known` need not learn the window's
             prepared = self.rows.prepare(
                 Rows.of_pages(batch), progress.run_id, known, remember=False
             )
             listed = prepared.listed
+            if listed.num_rows:
+                newest = pc.max(listed["created_at"]).value
+                self._max_created = max(self._max_created or newest, newest)
             if capture and listed.num_rows:
                 live = live_mask(listed, now)
                 self._live.add(active_rows(listed.filter(live)))
