@@ -19,6 +19,13 @@ def parse_timestamp_ms(text: str) -> int:
     return (parsed - _EPOCH) // _ONE_MS
 
 
+def format_timestamp_ms(epoch_ms: int) -> str:
+    """Epoch milliseconds as the API writes timestamps (`2026-11-29T18:20:57.123Z`), exactly
+    (no float on the way); OverflowError outside the years 0001-9999."""
+    moment = _EPOCH + timedelta(milliseconds=epoch_ms)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 UTC_MS = pa.timestamp("ms", tz="UTC")  # how every timestamp column is stored
 
 

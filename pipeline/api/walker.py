@@ -25,14 +25,13 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any, TypeVar
 
 from pipeline.api.client import PAGE_SIZE, SessionPage
 from pipeline.api.records import ListedSession
 from pipeline.errors import ApiError, CursorLoop
-from pipeline.timestamps import parse_timestamp_ms, parse_timestamps_ms
+from pipeline.timestamps import format_timestamp_ms, parse_timestamp_ms, parse_timestamps_ms
 
 T = TypeVar("T")
 Session = dict[str, Any]
@@ -133,15 +132,10 @@ class WalkedPage:
         )
 
 
-def _iso(epoch_ms: int) -> str:
-    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds")
-
-
 # createdAt as the API writes it (JavaScript's toISOString): one fixed width, so for texts
 # of this shape the text order is the time order and the walk compares them as they are
 _ISO_MS_WIDTH = 24
 _ISO_MS_TEXTS = re.compile(r"(?:\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)*")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _iso_ms_text(epoch_ms: int | None) -> str | None:
@@ -150,10 +144,9 @@ def _iso_ms_text(epoch_ms: int | None) -> str | None:
     if epoch_ms is None:
         return None
     try:
-        moment = _EPOCH + timedelta(milliseconds=epoch_ms)
+        return format_timestamp_ms(epoch_ms)
     except OverflowError:
         return None
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _in_text_order(stamps: list[str]) -> bool:
@@ -346,7 +339,8 @@ def walk_listing(
         params = strategy.request(state, floor_ms)
         signature = tuple(sorted(params.items()))
         if signature in sent:
-            where = "" if state.to_ms is None else f", createdAt <= {_iso(state.to_ms)}"
+            bound = state.to_ms
+            where = "" if bound is None else f", createdAt <= {format_timestamp_ms(bound)}"
             raise CursorLoop(
                 f"the walk stopped advancing: the API answered the same page again (cursor "
                 f"{last_cursor!r}{where}); stopping instead of looping "

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 
 from pipeline.store.storage import Storage
+from pipeline.timestamps import format_timestamp_ms
 
 RUNS_DIR = "_runs"
 
 
 def iso_ms(epoch_ms: int | None) -> str | None:
-    if epoch_ms is None:
-        return None
-    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return None if epoch_ms is None else format_timestamp_ms(epoch_ms)
 
 
 @dataclass(frozen=True)

@@ -136,8 +136,7 @@ class ChangeCapture:
         listing = listing_for(Window(None, None), {**filters, "status": "ACTIVE"})
         for batch in batch_stream(self.client, listing, flush_rows=writer.sink.flush_rows):
             cost.pages += len(batch)
-            for _ in batch:
-                writer.page()
+            writer.page(len(batch))
             prepared = self._write(writer, Rows.of_pages(batch), run_id, known, cost)
             active.add(active_rows(prepared.listed))
 

@@ -302,9 +302,10 @@ class FlushingWriter:
             return 0, 0, 0
         return self.stats.requests, self.stats.retries, self.stats.rate_limited
 
-    def page(self) -> None:
-        self.pages += 1
-        self.total_pages += 1
+    def page(self, count: int = 1) -> None:
+        """`count` more pages walked."""
+        self.pages += count
+        self.total_pages += count
 
     def add(self, table: pa.Table, unchanged: int = 0) -> None:
         self.sink.add(table)

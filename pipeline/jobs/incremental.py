@@ -220,8 +220,7 @@ class IncrementalRun:
         listing = listing_for(progress.window, progress.filters)
         for batch in batch_stream(self.client, listing, resume, self.options.flush_rows):
             cost.pages += len(batch)
-            for _ in batch:
-                writer.page()
+            writer.page(len(batch))
             # the keyset walk never returns a row twice, so `known` need not learn the window's
             prepared = self.rows.prepare(
                 Rows.of_pages(batch), progress.run_id, known, remember=False
