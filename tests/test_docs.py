@@ -18,7 +18,7 @@ from pipeline.store import storage
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"  # the environment table
 SUMMARY_DOC = ROOT / "docs" / "operations.md"  # the `run_summary` field table
-LINKED = [README, *sorted((ROOT / "docs").glob("*.md"))]
+LINKED = [README, ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # read by the libraries the export hands them to (the AWS SDK and pyarrow, httpx, the
 # Google client, libpq), not by our code
