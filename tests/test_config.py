@@ -88,6 +88,9 @@ def test_times_and_durations():
 # -- options declared once ------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
+OPTIONS_DOC = ROOT / "docs" / "configuration.md"  # the option and filter tables
+EXIT_CODES_DOC = ROOT / "README.md"  # the exit-code line
+PENDING = {"table_format"}  # documented options whose code is landing on another branch
 
 
 def table_rows(markdown: str, header: str) -> list[list[str]]:
@@ -101,18 +104,48 @@ def table_rows(markdown: str, header: str) -> list[list[str]]:
     return rows
 
 
-def test_readme_option_table_matches_the_declarations():
-    rows = table_rows((ROOT / "README.md").read_text(), "| option | default | environment variable |")
+def documented_commands(cell: str) -> set[str]:
+    """`run`, `backfill` -> {"run", "backfill"}; `all` -> every command but the emulator."""
+    from pipeline.cli import cli
+
+    if cell == "all":
+        return set(command_params(cli))
+    return {name.strip().strip("`") for name in cell.split(",")}
+
+
+def command_params(group, prefix: str = "") -> dict[str, set[str]]:
+    """Each leaf command's full name and the names of its parameters."""
+    import click
+
+    found: dict[str, set[str]] = {}
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            found.update(command_params(command, f"{prefix}{name} "))
+        else:
+            found[prefix + name] = {p.name for p in command.params if p.name}
+    return found
+
+
+def test_documented_option_table_matches_the_declarations():
+    from pipeline.cli import cli
+
+    rows = table_rows(OPTIONS_DOC.read_text(), "| option | default | environment variable |")
+    declared = {o.name for o in OPTIONS}
+    # documented ahead of its code by agreement; checked in full once declared
+    rows = [r for r in rows if r[0].strip("`") in declared or r[0].strip("`") not in PENDING]
     assert [r[0] for r in rows] == [f"`{o.name}`" for o in OPTIONS]
+    params = command_params(cli)
     for row, option in zip(rows, OPTIONS, strict=True):
         default = option.shown_default()
         assert row[1] == ("—" if default == "—" else f"`{default}`"), option.name
         assert row[2] == (", ".join(f"`{e}`" for e in option.env) or "—"), option.name
-        assert row[3], option.name
+        takes = {name for name, names in params.items() if option.name in names}
+        assert documented_commands(row[3]) == takes, option.name
+        assert row[4], option.name
 
 
-def test_readme_filter_table_matches_the_declarations():
-    rows = table_rows((ROOT / "README.md").read_text(), "| filter | flag | API parameter |")
+def test_documented_filter_table_matches_the_declarations():
+    rows = table_rows(OPTIONS_DOC.read_text(), "| filter | flag | API parameter |")
     assert [r[0] for r in rows] == [f"`{f.name}`" for f in FILTERS]
     for row, filter_ in zip(rows, FILTERS, strict=True):
         assert row[1] == f"`{filter_.flag}`"
@@ -170,8 +203,7 @@ def test_build_from_keyword_options(tmp_path):
 
 def test_exit_codes_are_the_contracts():
     documented = " ".join(exit_codes_line().split())
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    assert documented in readme
+    assert documented in " ".join(EXIT_CODES_DOC.read_text().split())
     contract = ROOT.parent / "shared" / "CONTRACT.md"
     if contract.exists():
         assert documented in " ".join(contract.read_text().split())

@@ -94,9 +94,12 @@ def assert_table_matches_parquet(rows: dict[str, dict], output, but: str = "") -
             assert got[name] == value, (sid, name, got[name], value)
 
 
-def assert_readme_query_works(server, database, rows: dict[str, dict]) -> None:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Load into PostgreSQL"):]
+LOADING_DOC = ROOT / "docs" / "loading.md"  # its PostgreSQL query is run below
+
+
+def assert_documented_query_works(server, database, rows: dict[str, dict]) -> None:
+    page = LOADING_DOC.read_text()
+    section = page[page.index("## Load into PostgreSQL"):]
     start = section.index("```sql") + len("```sql")
     sql = section[start:section.index("```", start)]
     found = query(server, database, sql)
@@ -127,7 +130,7 @@ def test_first_load_reload_and_changes_keep_one_latest_row_per_session(
     before = table_rows(server, database)
     assert_table_matches_parquet(before, output)
 
-    assert_readme_query_works(server, database, before)
+    assert_documented_query_works(server, database, before)
 
     again = load_pg(server, database, output)
     assert again.returncode == 0, again.stderr
