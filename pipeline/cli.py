@@ -24,12 +24,12 @@ from pipeline.config import (
     Option,
     Settings,
     load_settings,
-    parse_duration_ms,
 )
 from pipeline.errors import ExitCode, ExportError, exit_codes_line
 from pipeline.ops.logs import redact, register_secret, setup_logging
 from pipeline.store.state import StateStore
 from pipeline.store.storage import Storage
+from pipeline.timestamps import parse_duration_ms
 
 if TYPE_CHECKING:
     from pipeline.jobs.core import RunSummary
@@ -297,12 +297,12 @@ def backfill(settings: Settings, restart: bool) -> None:
     and only unfinished windows continue (relative times such as 90d keep meaning the range
     of the first attempt). It never moves the incremental checkpoint
     (the high-water mark `run` starts from); its own state is _state/backfill-<key>.json."""
-    from pipeline.config import DURATION, parse_time_ms
     from pipeline.dataset.sink import use_lean_memory_pool
     from pipeline.errors import UsageError
     from pipeline.jobs.backfill import BackfillOptions, BackfillRun
     from pipeline.jobs.core import wall_clock_ms
     from pipeline.ops.progress import BackfillProgress
+    from pipeline.timestamps import DURATION, parse_time_ms
 
     if not settings.since:
         raise UsageError("backfill needs --since (e.g. --since 2026-01-01 or --since 90d)")
@@ -393,11 +393,11 @@ def verify(settings: Settings, strict: bool) -> None:
 def stats(settings: Settings) -> None:
     """A per-day table of the dataset: sessions, versions, active/closed/expired (by each
     session's latest version) and the top types, read from the files (never the API)."""
-    from pipeline.config import parse_time_ms
     from pipeline.dataset.layout import day_of
     from pipeline.dataset.stats import daily_stats, render
     from pipeline.errors import UsageError
     from pipeline.jobs.core import wall_clock_ms
+    from pipeline.timestamps import parse_time_ms
 
     now = wall_clock_ms()
     since, until = (

@@ -23,12 +23,12 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from pipeline.api.filters import FILTER_BY_NAME, check_filter
 from pipeline.errors import UsageError
+from pipeline.timestamps import parse_duration_ms
 
 DEFAULT_API_URL = "https://api.trigger.dev"
 DEFAULT_SECRET_KEY_ENV = "TRIGGER_SECRET_KEY"
@@ -421,29 +421,3 @@ def _check_values(values: dict[str, Any]) -> None:
     branch = values["branch"]
     if branch is not None and (not branch.strip() or not branch.isprintable()):
         raise UsageError(f"branch must be a branch name, got {branch!r}")
-
-
-DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
-_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
-
-
-def parse_duration_ms(text: str, what: str) -> int:
-    match = DURATION.match(str(text))
-    if not match:
-        raise UsageError(f"{what} must be a duration like 15m, 6h or 90d, got {text!r}")
-    return int(match.group(1)) * _UNIT_MS[match.group(2)]
-
-
-def parse_time_ms(text: str, what: str, now_ms: int) -> int:
-    """ISO-8601 date or datetime (UTC unless an offset is given), or a duration back from now."""
-    if DURATION.match(text):
-        return now_ms - parse_duration_ms(text, what)
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise UsageError(
-            f"{what} {text!r} is not a time: use 2026-01-31, 2026-01-31T12:00:00Z or 90d"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.api.filters import FILTERS
-from pipeline.config import OPTIONS, Settings, load_settings, parse_duration_ms, parse_time_ms
+from pipeline.config import OPTIONS, Settings, load_settings
 from pipeline.errors import (
     DOCUMENTED,
     ApiError,
@@ -15,6 +15,7 @@ from pipeline.errors import (
     UsageError,
     exit_codes_line,
 )
+from pipeline.timestamps import parse_duration_ms, parse_time_ms
 
 NOW = 1_800_000_000_000
 

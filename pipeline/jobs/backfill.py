@@ -23,7 +23,6 @@ from typing import Any
 
 from pipeline.api.client import TriggerClient
 from pipeline.api.walker import WalkState
-from pipeline.dataset.manifest import iso_ms
 from pipeline.dataset.sink import ParquetSink
 from pipeline.errors import UsageError
 from pipeline.jobs.core import (
@@ -44,6 +43,7 @@ from pipeline.jobs.enrich import TriggerConfigFiller
 from pipeline.store.lock import lock_holder
 from pipeline.store.state import Window
 from pipeline.store.storage import Storage
+from pipeline.timestamps import iso_ms
 
 log = logging.getLogger(__name__)
 

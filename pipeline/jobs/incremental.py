@@ -22,7 +22,6 @@ import pyarrow.compute as pc
 from pipeline.api.client import TriggerClient
 from pipeline.api.walker import WalkState
 from pipeline.dataset.layout import version_keys
-from pipeline.dataset.manifest import iso_ms
 from pipeline.dataset.sink import ParquetSink
 from pipeline.jobs.capture import ChangeCapture, PartCost, active_rows, live_mask
 from pipeline.jobs.core import (
@@ -52,6 +51,7 @@ from pipeline.store.state import (
     Window,
 )
 from pipeline.store.storage import Storage
+from pipeline.timestamps import iso_ms
 
 log = logging.getLogger(__name__)
 
