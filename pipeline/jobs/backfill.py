@@ -133,16 +133,19 @@ def split_point(low: int, high: int) -> int | None:
 
 @dataclass(frozen=True)
 class BackfillOptions:
+    """What one `backfill` is asked to do; built from `Settings` (`config.settings_for`),
+    whose options declare the defaults."""
+
     since_ms: int
     until_ms: int
     filters: dict[str, str]
     concurrency: int
     flush_rows: int
     flush_bytes: int
-    restart: bool = False
-    enrich_trigger_config: bool = True
-    enrich_concurrency: int = 8
-    range_basis: str = ""  # what identifies the range: absolute ms, or the relative words
+    restart: bool
+    enrich_trigger_config: bool
+    enrich_concurrency: int
+    range_basis: str  # what identifies the range: absolute ms, or the relative words
 
 
 Progress = Callable[["BackfillRun"], None]
