@@ -60,7 +60,7 @@ class ClientSettings:
     allow_insecure_http: bool
     branch: str | None  # sent as x-trigger-branch (preview and dev branches)
     ca_bundle: str | None  # PEM file of the CAs to trust instead of the default ones
-    concurrency: int = 1  # requests in flight at once: one pooled connection each
+    concurrency: int  # requests in flight at once: one pooled connection each
     max_rate_limit_wait: float = 900.0  # total seconds one request may spend waiting on 429s
 
 
