@@ -50,7 +50,7 @@ def config_flag(spec: dataclasses.Field, hint: Any) -> Callable[[Callable], Call
             name, spec.name, flag_value=not spec.default, default=spec.default, help=meta["help"]
         )
     if typing.get_origin(hint) is tuple:
-        return click.option(name, spec.name, multiple=True, help=meta["help"])
+        return click.option(name, spec.name, multiple=True, default=spec.default, help=meta["help"])
     if spec.name == "anchor":
         return click.option(name, spec.name, callback=_anchor, help=meta["help"])
     if meta["file"]:
