@@ -1,7 +1,8 @@
-"""The `sessions-export` command line: parse options, build the parts, map errors to exits.
+"""The `sessions-export` command line: parse flags, set up the terminal, map errors to exits.
 
-Every expected failure is an `ExportError` printed as one line; exit codes are
-`pipeline.errors.ExitCode`. Flags come from the options declared in `pipeline.config`.
+The work is `pipeline.runner`'s (and the dataset modules'). Every expected failure is an
+`ExportError` printed as one line; exit codes are `pipeline.errors.ExitCode`. Each command's
+flags are the options whose `commands` name it (`pipeline.config`).
 """
 
 from __future__ import annotations
