@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 from pipeline.dataset.layout import partition_dir
 from pipeline.dataset.schema import SCHEMA
 from pipeline.dataset.sink import ROW_GROUP_ROWS
+from pipeline.timestamps import MS_PER_DAY
 
-_MS_PER_DAY = 86_400_000
 _EPOCH = date(1970, 1, 1)
 TYPES = ("chat", "agent", "workflow", "support", "batch")
 
@@ -32,8 +32,8 @@ def session_rows(first: int, count: int, day: date, seed: int) -> pl.DataFrame:
     """`count` sessions (numbered from `first`) created on `day`, each at its first version."""
     n = pl.int_range(first, first + count, dtype=pl.Int64)
     noise = n.hash(seed)
-    day_ms = (day - _EPOCH).days * _MS_PER_DAY
-    created = pl.lit(day_ms) + (noise % _MS_PER_DAY).cast(pl.Int64)
+    day_ms = (day - _EPOCH).days * MS_PER_DAY
+    created = pl.lit(day_ms) + (noise % MS_PER_DAY).cast(pl.Int64)
     closed = noise % 3 == 0
     frame = pl.select(
         id=pl.format("sess_{}{}", (noise % 1_000_000_007).cast(pl.String), n.cast(pl.String)),
@@ -53,7 +53,7 @@ def session_rows(first: int, count: int, day: date, seed: int) -> pl.DataFrame:
         updated_at=created + (noise % 60_000),
         closed_at=pl.when(closed).then(created + 3_600_000),
         closed_reason=pl.when(closed).then(pl.lit("completed")),
-        expires_at=created + 7 * _MS_PER_DAY,
+        expires_at=created + 7 * MS_PER_DAY,
         trigger_config_base_payload=pl.concat_str(
             pl.lit('{"plan":"p'), (noise % 11).cast(pl.String), pl.lit('","region":"eu"}')
         ),

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from pipeline.api.client import PAGE_SIZE, ClientSettings, TriggerClient
+from pipeline.api.client import PAGE_SIZE, TriggerClient
 from pipeline.api.walker import Listing, derived_status, walk_listing
+from pipeline.config import Settings
 from pipeline.emulator import EmulatorConfig, start_in_thread
 from pipeline.emulator.timestamps import now_ms
+from pipeline.runner import client_settings
 
 KEY = "tr_dev_benchmark_key"
 
@@ -75,7 +77,7 @@ def main() -> None:
         config = EmulatorConfig(seed=args.seed, rate_limit=False, port=0, **options)
         with (
             start_in_thread(config) as emu,
-            TriggerClient(ClientSettings(base_url=emu.url), KEY) as client,
+            TriggerClient(client_settings(Settings(api_url=emu.url)), KEY) as client,
         ):
             sessions = list(emu.store.iter_sessions())
             for name, filters in LISTINGS:

@@ -5,17 +5,14 @@ The Python API (imported on first use, so `import pipeline` stays cheap):
 - `scan_sessions(output, *, latest=True, storage_options=None) -> polars.LazyFrame`
 - `export(config=None, **options) -> RunSummary`, the same run as `sessions-export run`;
   failures raise `ExportError`, whose `exit_code` is the CLI's for the same failure.
+
+Importing it changes nothing process-wide (environment, Arrow's memory pool, logging): the
+command line (`pipeline.__main__`) makes those choices for its own process.
 """
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
-
-# Arrow's Parquet writer allocates from the process-wide default pool, which only this
-# variable picks, and only before pyarrow loads; mimalloc, Arrow's default, keeps ~25 MB
-# of freed pages after the first flush (bench/README.md). A user's own choice wins.
-os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
 
 __version__ = "0.1.0"
 __all__ = ["ExportError", "export", "scan_sessions"]

@@ -1,56 +1,29 @@
-"""The `sessions-export` command line: parse options, build the parts, map errors to exits.
+"""The `sessions-export` command line: parse flags, set up the terminal, map errors to exits.
 
-Every expected failure is an `ExportError` printed as one line; exit codes are
-`pipeline.errors.ExitCode`. Flags come from the options declared in `pipeline.config`.
+The work is `pipeline.runner`'s (and the dataset modules'). Every expected failure is an
+`ExportError` printed as one line; exit codes are `pipeline.errors.ExitCode`. Each command's
+flags are the options whose `commands` name it (`pipeline.config`).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
 from collections.abc import Callable
 from datetime import date
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from pipeline.api.filters import FILTERS
-from pipeline.config import (
-    DEFAULT_SECRET_KEY_ENV,
-    OPTION_BY_NAME,
-    Option,
-    Settings,
-    load_settings,
-    parse_duration_ms,
-)
+from pipeline.config import Option, Settings, load_settings, options_of
 from pipeline.errors import ExitCode, ExportError, exit_codes_line
 from pipeline.ops.logs import redact, register_secret, setup_logging
-from pipeline.store.state import StateStore
-from pipeline.store.storage import Storage
-
-if TYPE_CHECKING:
-    from pipeline.jobs.core import RunSummary
+from pipeline.runner import output_storage, state_store
 
 log = logging.getLogger("pipeline")
-
-_COMMON = ("output", "state", "log_level", "log_format")
-_API = (
-    "api_url",
-    "branch",
-    "ca_bundle",
-    "connect_timeout",
-    "read_timeout",
-    "max_attempts",
-    "backoff_initial",
-    "backoff_max",
-    "allow_insecure_http",
-    "flush_rows",
-    "flush_bytes",
-    "secret_key_env",
-)
 
 
 def option_flag(option: Option) -> Callable[[Callable], Callable]:
@@ -75,10 +48,12 @@ def option_flag(option: Option) -> Callable[[Callable], Callable]:
 
 
 def with_options(
-    *names: str, filters: bool = False, each_environment: bool = False
+    command_name: str, filters: bool = False, each_environment: bool = False
 ) -> Callable[[Callable], Callable]:
-    """Add `--config`, `--environment` and the named settings as flags; pass the merged
-    `Settings` on. With `each_environment`, `--all-environments` runs every environment."""
+    """Add `--config`, `--environment` and the options that `command_name` takes (each
+    option's `commands`) as flags; pass the merged `Settings` on. With `each_environment`,
+    `--all-environments` runs every environment."""
+    names = [o.name for o in options_of(command_name)]
 
     def decorate(command: Callable) -> Callable:
         @functools.wraps(command)
@@ -102,8 +77,8 @@ def with_options(
                 raise click.UsageError("give --environment NAME or --all-environments, not both")
             sys.exit(run_each(environment_names(config), invoke))
 
-        for name in reversed(names):
-            wrapper = option_flag(OPTION_BY_NAME[name])(wrapper)
+        for option in reversed(options_of(command_name)):
+            wrapper = option_flag(option)(wrapper)
         if filters:
             for filter_ in reversed(FILTERS):
                 wrapper = click.option(filter_.flag, filter_.name, default=None, help=filter_.help)(
@@ -131,44 +106,6 @@ def with_options(
         )(wrapper)
 
     return decorate
-
-
-def output_storage(settings: Settings) -> Storage:
-    return Storage(settings.output)
-
-
-def state_store(settings: Settings) -> StateStore:
-    if settings.state:
-        return StateStore(Storage(settings.state))
-    return StateStore(output_storage(settings).child("_state"))
-
-
-def make_client(settings: Settings, concurrency: int = 1):  # noqa: ANN201
-    from pipeline.api.auth import read_secret_key
-    from pipeline.api.client import ClientSettings, TriggerClient
-
-    key = read_secret_key(settings.secret_key_env, os.environ)
-    register_secret(key.value)
-    if not key.value and settings.secret_key_env != DEFAULT_SECRET_KEY_ENV:
-        from pipeline.errors import AuthError
-
-        where = f" (environment {settings.environment})" if settings.environment else ""
-        raise AuthError(f"{key.source} is not set: export the secret key{where}")
-    client_settings = ClientSettings(
-        base_url=settings.api_url,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-        max_attempts=settings.max_attempts,
-        backoff_initial=settings.backoff_initial,
-        backoff_max=settings.backoff_max,
-        allow_insecure_http=settings.allow_insecure_http,
-        # walkers plus single-session fetches: each needs its own pooled connection
-        concurrency=concurrency
-        + (settings.enrich_concurrency if settings.enrich_trigger_config else 0),
-        branch=settings.branch,
-        ca_bundle=settings.ca_bundle,
-    )
-    return TriggerClient(client_settings, key.value, key_variable=key.source)
 
 
 def _with_epilog(command: Callable) -> Callable:
@@ -205,18 +142,7 @@ def cli() -> None:
 
 
 @cli.command()
-@with_options(
-    *_COMMON,
-    *_API,
-    "lookback",
-    "rescan",
-    "track_active",
-    "enrich_trigger_config",
-    "enrich_concurrency",
-    "metrics_file",
-    filters=True,
-    each_environment=True,
-)
+@with_options("run", filters=True, each_environment=True)
 @click.option(
     "--full-refresh",
     is_flag=True,
@@ -229,67 +155,14 @@ def run(settings: Settings, full_refresh: bool, compact_after: bool) -> None:
     """Incremental export: resume an interrupted run, else export everything created since
     the checkpoint's high-water mark minus the lookback. The first run exports all history."""
     from pipeline.ops.progress import RunProgressDisplay
+    from pipeline.runner import run_export
 
+    _use_lean_memory_pool()
     run_export(settings, full_refresh, compact_after, RunProgressDisplay(), echo=click.echo)
 
 
-def run_export(
-    settings: Settings,
-    full_refresh: bool,
-    compact_after: bool,
-    display: Any = None,
-    echo: Callable[[str], Any] | None = None,
-) -> RunSummary:
-    """`run` without the terminal: the same export, its metrics, and its `RunSummary`."""
-    from pipeline.dataset.sink import use_lean_memory_pool
-    from pipeline.jobs.incremental import IncrementalRun, RunOptions
-    from pipeline.ops.metrics import log_summary, record_failure, record_success, summary_text
-
-    use_lean_memory_pool()
-    options = RunOptions(
-        filters=settings.filters,
-        lookback_ms=parse_duration_ms(settings.lookback, "lookback"),
-        rescan_ms=parse_duration_ms(settings.rescan, "rescan"),
-        track_active=settings.track_active,
-        enrich_trigger_config=settings.enrich_trigger_config,
-        enrich_concurrency=settings.enrich_concurrency,
-        flush_rows=settings.flush_rows,
-        flush_bytes=settings.flush_bytes,
-        full_refresh=full_refresh,
-    )
-    try:
-        state = state_store(settings)
-        try:
-            with make_client(settings) as client:
-                summary = IncrementalRun(
-                    client, output_storage(settings), state, options, on_progress=display
-                ).execute()
-        finally:
-            if display is not None:
-                display.close()
-        if echo is not None:
-            echo(summary_text(summary, settings.branch))
-        log_summary(summary, settings.environment, settings.branch)
-        if compact_after and summary.files:
-            _compact(settings, only=_touched_partitions(settings, summary.run_id), echo=echo)
-    except BaseException as error:
-        record_failure(settings.metrics_file, settings.environment, error, settings.branch)
-        raise
-    record_success(settings.metrics_file, settings.environment, summary, settings.branch)
-    return summary
-
-
 @cli.command()
-@with_options(
-    *_COMMON,
-    *_API,
-    "concurrency",
-    "since",
-    "until",
-    "enrich_trigger_config",
-    "enrich_concurrency",
-    filters=True,
-)
+@with_options("backfill", filters=True)
 @click.option("--restart", is_flag=True, help="export the range again although it completed")
 def backfill(settings: Settings, restart: bool) -> None:
     """One-off export of a createdAt range (--since, --until; default until now), walked in
@@ -297,85 +170,25 @@ def backfill(settings: Settings, restart: bool) -> None:
     and only unfinished windows continue (relative times such as 90d keep meaning the range
     of the first attempt). It never moves the incremental checkpoint
     (the high-water mark `run` starts from); its own state is _state/backfill-<key>.json."""
-    from pipeline.config import DURATION, parse_time_ms
-    from pipeline.dataset.sink import use_lean_memory_pool
-    from pipeline.errors import UsageError
-    from pipeline.jobs.backfill import BackfillOptions, BackfillRun
-    from pipeline.jobs.core import wall_clock_ms
     from pipeline.ops.progress import BackfillProgress
+    from pipeline.runner import run_backfill
 
-    if not settings.since:
-        raise UsageError("backfill needs --since (e.g. --since 2026-01-01 or --since 90d)")
-    now = wall_clock_ms()
-    since = parse_time_ms(settings.since, "--since", now)
-    until = parse_time_ms(settings.until, "--until", now) if settings.until else now
-    if since > until:
-        raise UsageError(f"--since ({settings.since}) is after --until ({settings.until or 'now'})")
-    # relative words (90d, "now") name the range as typed, so the same command resumes it
-    basis = " .. ".join(
-        (text or "now") if text is None or DURATION.match(text) else str(ms)
-        for text, ms in ((settings.since, since), (settings.until, until))
-    )
-    options = BackfillOptions(
-        range_basis=basis,
-        since_ms=since,
-        until_ms=until,
-        filters=settings.filters,
-        concurrency=settings.concurrency,
-        flush_rows=settings.flush_rows,
-        flush_bytes=settings.flush_bytes,
-        restart=restart,
-        enrich_trigger_config=settings.enrich_trigger_config,
-        enrich_concurrency=settings.enrich_concurrency,
-    )
-    use_lean_memory_pool()
-    progress = BackfillProgress()
-    state_storage = state_store(settings).storage
-    try:
-        with make_client(settings, concurrency=settings.concurrency) as client:
-            run_ = BackfillRun(
-                client, output_storage(settings), state_storage, options, on_progress=progress
-            )
-            summary = run_.execute()
-    finally:
-        progress.close()
-    from pipeline.ops.metrics import log_summary, summary_text
-
-    click.echo(summary_text(summary, settings.branch))
-
-    log_summary(summary, settings.environment, settings.branch)
-
-
-def _touched_partitions(settings: Settings, run_id: str) -> list[str]:
-    data = output_storage(settings).read_bytes(f"_runs/{run_id}.json")
-    return list(json.loads(data)["partitions"]) if data else []
+    _use_lean_memory_pool()
+    run_backfill(settings, restart, BackfillProgress(), echo=click.echo)
 
 
 @cli.command()
-@with_options(*_COMMON)
+@with_options("compact")
 def compact(settings: Settings) -> None:
     """Rewrite partitions so that each holds one row per session id, the latest version."""
-    _compact(settings, only=None)
+    from pipeline.runner import compact_dataset
 
-
-def _compact(
-    settings: Settings, only: list[str] | None, echo: Callable[[str], Any] | None = click.echo
-) -> None:
-    from pipeline.dataset.compact import compact as run_compact
-    from pipeline.dataset.sink import use_lean_memory_pool
-    from pipeline.jobs.core import new_run_id, wall_clock_ms
-    from pipeline.store.lock import lock_holder
-
-    use_lean_memory_pool()
-
-    with state_store(settings).lock(lock_holder()):
-        summary = run_compact(output_storage(settings), new_run_id(wall_clock_ms()), only)
-    if echo is not None:
-        echo(summary.line())
+    _use_lean_memory_pool()
+    compact_dataset(settings, None, click.echo)
 
 
 @cli.command()
-@with_options(*_COMMON)
+@with_options("verify")
 @click.option("--strict", is_flag=True, help="also fail when a session has several versions")
 def verify(settings: Settings, strict: bool) -> None:
     """Read the dataset back: schema, partition keys, duplicates, unreadable or stray files."""
@@ -389,15 +202,15 @@ def verify(settings: Settings, strict: bool) -> None:
 
 
 @cli.command()
-@with_options(*_COMMON, "since", "until", "format")
+@with_options("stats")
 def stats(settings: Settings) -> None:
     """A per-day table of the dataset: sessions, versions, active/closed/expired (by each
     session's latest version) and the top types, read from the files (never the API)."""
-    from pipeline.config import parse_time_ms
     from pipeline.dataset.layout import day_of
     from pipeline.dataset.stats import daily_stats, render
     from pipeline.errors import UsageError
     from pipeline.jobs.core import wall_clock_ms
+    from pipeline.timestamps import parse_time_ms
 
     now = wall_clock_ms()
     since, until = (
@@ -417,7 +230,7 @@ def load() -> None:
 
 
 @load.command("duckdb")
-@with_options(*_COMMON, "database")
+@with_options("load duckdb")
 def load_duckdb(settings: Settings) -> None:
     """Upsert the latest version of every session into the `sessions` table of a DuckDB
     file. Runs already loaded are skipped (see sessions_export_loads), so loading twice
@@ -432,7 +245,7 @@ def load_duckdb(settings: Settings) -> None:
 
 
 @load.command("postgres")
-@with_options(*_COMMON, "dsn", "schema", "table")
+@with_options("load postgres")
 def load_postgres(settings: Settings) -> None:
     """Upsert the latest version of every session into a PostgreSQL table (created if
     missing; id is its primary key). The connection comes from PGHOST, PGPORT, PGDATABASE,
@@ -452,7 +265,7 @@ def state() -> None:
 
 
 @state.command("show")
-@with_options(*_COMMON)
+@with_options("state show")
 def state_show(settings: Settings) -> None:
     """Print the checkpoint as JSON."""
     store = state_store(settings)
@@ -461,7 +274,7 @@ def state_show(settings: Settings) -> None:
 
 
 @state.command("reset")
-@with_options(*_COMMON)
+@with_options("state reset")
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 def state_reset(settings: Settings, yes: bool) -> None:
     """Clear the checkpoint: the next run exports the whole history again."""
@@ -475,7 +288,15 @@ def state_reset(settings: Settings, yes: bool) -> None:
     click.echo(f"checkpoint cleared in {store.storage.uri}")
 
 
+def _use_lean_memory_pool() -> None:
+    """The export commands' Arrow pool: set here, by the CLI, never by the library."""
+    from pipeline.dataset.sink import use_lean_memory_pool
+
+    use_lean_memory_pool()
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The `sessions-export` entry point: run one command, exit with its code."""
     try:
         cli.main(args=argv, prog_name="sessions-export", standalone_mode=False)
     except click.exceptions.Abort:

@@ -1,13 +1,15 @@
 """Settings: defaults, then environment variables, then the TOML config file, then flags.
 
 Every option is declared once, as a field of `Settings` made with `option(...)`: its name,
-type (the annotation), default, environment variables and help text. From that one place
-come the CLI's flags, the config file's keys (errors name the file, the line and the key),
-the README's option table (checked by a test) and the typed settings the jobs receive.
+type (the annotation), default, environment variables, allowed values or range, the
+commands that take it as a flag, and help text. From that one place come the CLI's flags,
+the config file's keys (errors name the file, the line and the key), the validation, the
+README's option table (checked by a test) and the typed options the jobs and the client
+receive (`settings_for`).
 
-A new option is one line in `Settings`:
+A new option is one field in `Settings` plus its row in the README's table:
 
-    dsn: str | None = option(None, "load postgres: a libpq connection string")
+    dsn: str | None = option(None, "a libpq connection string", commands=("load postgres",))
 
 `OPTIONS` lists them as `Option` records, for the CLI and the docs.
 """
@@ -23,12 +25,12 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.api.filters import FILTER_BY_NAME, check_filter
 from pipeline.errors import UsageError
+from pipeline.timestamps import parse_duration_ms
 
 DEFAULT_API_URL = "https://api.trigger.dev"
 DEFAULT_SECRET_KEY_ENV = "TRIGGER_SECRET_KEY"
@@ -37,23 +39,52 @@ BRANCH_ENVS = ("TRIGGER_PREVIEW_BRANCH", "VERCEL_GIT_COMMIT_REF", "TRIGGER_DEV_B
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "text", "json")
 STATS_FORMATS = ("table", "json", "csv")
+TABLE_FORMATS = ("parquet", "delta")
+
+# the commands that take options as flags, as `sessions-export <command>` names them
+COMMANDS = (
+    "run",
+    "backfill",
+    "compact",
+    "verify",
+    "stats",
+    "load duckdb",
+    "load postgres",
+    "state show",
+    "state reset",
+)
+EXPORTS = ("run", "backfill")  # the commands that call the API and write the dataset
+_T = TypeVar("_T")
 
 
 def option(
     default: Any,
     help: str,  # noqa: A002 - the word every CLI library uses
     *,
+    commands: tuple[str, ...],
     env: tuple[str, ...] = (),
     choices: tuple[str, ...] = (),
+    at_least: float | None = None,
+    above: float | None = None,
     shown: str | None = None,
 ) -> Any:
     """A `Settings` field that is a user-facing option.
 
-    `env`: variables read, first set wins, when neither a flag nor the file gives a value.
-    `choices`: the allowed values of a string option. `shown`: the default as documented,
-    when it is computed elsewhere (`<output>/_state/`).
+    `commands`: those of `COMMANDS` that take it as a flag (the config file takes every
+    option). `env`: variables read, first set wins, when neither a flag nor the file gives
+    a value. `choices`: the allowed values of a string option. `at_least`, `above`: the
+    range of a number. `shown`: the default as documented, when it is computed elsewhere
+    (`<output>/_state/`).
     """
-    meta = {"help": help, "env": env, "choices": choices, "shown": shown}
+    meta = {
+        "help": help,
+        "commands": commands,
+        "env": env,
+        "choices": choices,
+        "at_least": at_least,
+        "above": above,
+        "shown": shown,
+    }
     return field(default=default, metadata={"option": meta})
 
 
@@ -62,90 +93,144 @@ class Settings:
     """Every option, typed, as one run sees it; build with `load_settings` or `Settings.build`."""
 
     api_url: str = option(
-        DEFAULT_API_URL, "API base URL; may carry a path prefix", env=("TRIGGER_API_URL",)
+        DEFAULT_API_URL,
+        "API base URL; may carry a path prefix",
+        commands=EXPORTS,
+        env=("TRIGGER_API_URL",),
     )
     branch: str | None = option(
         None,
         "the preview or dev branch, sent as x-trigger-branch (needed with a tr_preview_ key)",
+        commands=EXPORTS,
         env=BRANCH_ENVS,
     )
     ca_bundle: str | None = option(
         None,
         "PEM file of the CAs to trust for the API (a self-hosted server's private CA)",
+        commands=EXPORTS,
         env=("SSL_CERT_FILE",),
     )
-    output: str = option("output/", "where the dataset goes: a directory, s3://… or gs://…")
-    state: str | None = option(
-        None,
-        "where the checkpoint and lock live",
-        shown="<output>/_state/",
+    output: str = option(
+        "output/", "where the dataset goes: a directory, s3://… or gs://…", commands=COMMANDS
     )
-    flush_rows: int = option(10_000, "rows buffered before a flush and its checkpoint")
-    flush_bytes: int = option(64 * 1024 * 1024, "buffered Arrow bytes that also force a flush")
+    state: str | None = option(
+        None, "where the checkpoint and lock live", commands=COMMANDS, shown="<output>/_state/"
+    )
+    table_format: str = option(
+        "parquet",
+        "the dataset's format: parquet or delta",
+        commands=COMMANDS,
+        choices=TABLE_FORMATS,
+    )
+    flush_rows: int = option(
+        10_000, "rows buffered before a flush and its checkpoint", commands=EXPORTS, at_least=1
+    )
+    flush_bytes: int = option(
+        64 * 1024 * 1024,
+        "buffered Arrow bytes that also force a flush",
+        commands=EXPORTS,
+        at_least=1,
+    )
     lookback: str = option(
-        "15m", "incremental runs re-read sessions created this long before the high-water mark"
+        "15m",
+        "incremental runs re-read sessions created this long before the high-water mark",
+        commands=("run",),
     )
     rescan: str = option(
         "24h",
         "each run re-reads sessions created this long before the high-water mark and writes "
         "the versions that changed (0s turns it off)",
+        commands=("run",),
     )
     track_active: bool = option(
         True,
         "keep the ids of ACTIVE sessions; each run lists ACTIVE sessions and reads the final "
         "state of those that closed or expired since",
+        commands=("run",),
     )
     enrich_trigger_config: bool = option(
         True,
         "fill triggerConfig with GET /api/v1/sessions/{id} when list rows omit it "
         "(each new version)",
+        commands=EXPORTS,
     )
-    enrich_concurrency: int = option(8, "single-session fetches in flight at once")
-    connect_timeout: float = option(10.0, "seconds to establish a connection")
-    read_timeout: float = option(60.0, "seconds to wait for a response")
+    enrich_concurrency: int = option(
+        8, "single-session fetches in flight at once", commands=EXPORTS, at_least=1
+    )
+    connect_timeout: float = option(
+        10.0, "seconds to establish a connection", commands=EXPORTS, above=0
+    )
+    read_timeout: float = option(60.0, "seconds to wait for a response", commands=EXPORTS, above=0)
     max_attempts: int = option(
-        6, "attempts per request on faults (5xx, resets, timeouts); 429 waits do not count"
+        6,
+        "attempts per request on faults (5xx, resets, timeouts); 429 waits do not count",
+        commands=EXPORTS,
+        at_least=1,
     )
     backoff_initial: float = option(
-        0.5, "first retry delay scale, seconds (exponential, full jitter)"
+        0.5,
+        "first retry delay scale, seconds (exponential, full jitter)",
+        commands=EXPORTS,
+        above=0,
     )
-    backoff_max: float = option(30.0, "cap of one retry delay, seconds")
+    backoff_max: float = option(30.0, "cap of one retry delay, seconds", commands=EXPORTS, above=0)
     allow_insecure_http: bool = option(
-        False, "allow plain http:// to a non-loopback API host (never through a proxy)"
+        False,
+        "allow plain http:// to a non-loopback API host (never through a proxy)",
+        commands=EXPORTS,
     )
-    concurrency: int = option(8, "backfill: windows walked at once")
+    concurrency: int = option(
+        8, "backfill: windows walked at once", commands=("backfill",), at_least=1
+    )
     since: str | None = option(
-        None, "backfill, stats: oldest createdAt (ISO date/datetime, or 90d back)"
+        None,
+        "backfill, stats: oldest createdAt (ISO date/datetime, or 90d back)",
+        commands=("backfill", "stats"),
     )
     until: str | None = option(
         None,
         "backfill, stats: newest createdAt (ISO date/datetime, or 6h back; default now)",
+        commands=("backfill", "stats"),
         shown="now",
     )
-    format: str = option("table", "stats: table, json or csv", choices=STATS_FORMATS)
-    log_level: str = option("info", "debug, info, warning or error", choices=LOG_LEVELS)
+    format: str = option(
+        "table", "stats: table, json or csv", commands=("stats",), choices=STATS_FORMATS
+    )
+    log_level: str = option(
+        "info", "debug, info, warning or error", commands=COMMANDS, choices=LOG_LEVELS
+    )
     log_format: str = option(
         "auto",
         "text, json, or auto (text on a terminal, JSON lines otherwise)",
+        commands=COMMANDS,
         choices=LOG_FORMATS,
     )
     metrics_file: str | None = option(
         None,
         "write each run's outcome here for Prometheus' textfile collector (e.g. …/export.prom)",
+        commands=("run",),
     )
     secret_key_env: str = option(
         DEFAULT_SECRET_KEY_ENV,
         "the environment variable that holds the secret key (its name, never the key); "
         "<name>_FILE names a file holding it",
+        commands=EXPORTS,
     )
-    database: str | None = option(None, "load duckdb: the DuckDB database file to upsert into")
+    database: str | None = option(
+        None, "load duckdb: the DuckDB database file to upsert into", commands=("load duckdb",)
+    )
     dsn: str | None = option(
         None,
         "load postgres: a libpq connection string or URI without a password "
         "(default: the PG* environment variables)",
+        commands=("load postgres",),
     )
-    schema: str = option("public", "load postgres: the schema that holds the table")
-    table: str = option("sessions", "load postgres: the table to upsert into")
+    schema: str = option(
+        "public", "load postgres: the schema that holds the table", commands=("load postgres",)
+    )
+    table: str = option(
+        "sessions", "load postgres: the table to upsert into", commands=("load postgres",)
+    )
 
     # not options: where the values came from
     filters: dict[str, str] = field(default_factory=dict)
@@ -190,8 +275,11 @@ class Option:
     type: type  # str, int, float or bool
     default: Any
     help: str
+    commands: tuple[str, ...]
     env: tuple[str, ...] = ()
     choices: tuple[str, ...] = ()
+    at_least: float | None = None
+    above: float | None = None
     shown: str | None = None
 
     @property
@@ -223,22 +311,29 @@ def _options() -> tuple[Option, ...]:
     for spec in dataclasses.fields(Settings):
         meta = spec.metadata.get("option")
         if meta is not None:
-            found.append(
-                Option(
-                    spec.name,
-                    _base_type(hints[spec.name]),
-                    spec.default,
-                    meta["help"],
-                    meta["env"],
-                    meta["choices"],
-                    meta["shown"],
-                )
-            )
+            found.append(Option(spec.name, _base_type(hints[spec.name]), spec.default, **meta))
     return tuple(found)
 
 
 OPTIONS: tuple[Option, ...] = _options()
 OPTION_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def options_of(command: str) -> tuple[Option, ...]:
+    """The options `sessions-export <command>` takes as flags, in declaration order."""
+    if command not in COMMANDS:
+        raise ValueError(f"{command!r} is not one of {COMMANDS}")
+    return tuple(o for o in OPTIONS if command in o.commands)
+
+
+def settings_for(cls: type[_T], settings: Settings, **values: Any) -> _T:
+    """A `cls` (a job's or the client's options dataclass) from the `Settings` fields of the
+    same names, plus `values` for the fields that are derived (`lookback_ms`) or not options."""
+    wanted = {f.name for f in dataclasses.fields(cls)} - values.keys()  # type: ignore[arg-type]
+    shared = wanted & {f.name for f in dataclasses.fields(Settings)}
+    return cls(**{name: getattr(settings, name) for name in shared}, **values)
+
+
 FILTER_NAMES = tuple(FILTER_BY_NAME)
 
 
@@ -398,17 +493,18 @@ def _suggest(name: str, choices: Any) -> str:
 
 
 def _check_values(values: dict[str, Any]) -> None:
-    positive = ("flush_rows", "flush_bytes", "max_attempts", "concurrency", "enrich_concurrency")
-    for name in positive:
-        if values[name] < 1:
-            raise UsageError(f"{name} must be at least 1, got {values[name]}")
-    for name in ("connect_timeout", "read_timeout", "backoff_initial", "backoff_max"):
-        if values[name] <= 0:
-            raise UsageError(f"{name} must be positive, got {values[name]}")
     for option_ in OPTIONS:
-        value = values[option_.name]
+        name, value = option_.name, values[option_.name]
+        if option_.at_least is not None and value < option_.at_least:
+            raise UsageError(f"{name} must be at least {option_.at_least}, got {value}")
+        if option_.above is not None and value <= option_.above:
+            bound = "positive" if option_.above == 0 else f"above {option_.above}"
+            raise UsageError(f"{name} must be {bound}, got {value}")
         if option_.choices and str(value).lower() not in option_.choices:
-            raise UsageError(f"{option_.name} must be {', '.join(option_.choices)}, got {value!r}")
+            raise UsageError(f"{name} must be {', '.join(option_.choices)}, got {value!r}")
+    if values["table_format"].lower() == "delta":
+        # declared now so configs and flags are stable; the Delta sink comes later
+        raise UsageError("table_format delta is not available yet: use parquet (the default)")
     parse_duration_ms(values["lookback"], "lookback")
     parse_duration_ms(values["rescan"], "rescan")
     key_env = values["secret_key_env"]
@@ -421,29 +517,3 @@ def _check_values(values: dict[str, Any]) -> None:
     branch = values["branch"]
     if branch is not None and (not branch.strip() or not branch.isprintable()):
         raise UsageError(f"branch must be a branch name, got {branch!r}")
-
-
-DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
-_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
-
-
-def parse_duration_ms(text: str, what: str) -> int:
-    match = DURATION.match(str(text))
-    if not match:
-        raise UsageError(f"{what} must be a duration like 15m, 6h or 90d, got {text!r}")
-    return int(match.group(1)) * _UNIT_MS[match.group(2)]
-
-
-def parse_time_ms(text: str, what: str, now_ms: int) -> int:
-    """ISO-8601 date or datetime (UTC unless an offset is given), or a duration back from now."""
-    if DURATION.match(text):
-        return now_ms - parse_duration_ms(text, what)
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise UsageError(
-            f"{what} {text!r} is not a time: use 2026-01-31, 2026-01-31T12:00:00Z or 90d"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)

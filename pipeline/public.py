@@ -25,8 +25,8 @@ def export(
     **options: Any,
 ) -> RunSummary:
     """Run the incremental export once and return its `RunSummary`."""
-    from pipeline.cli import run_export
     from pipeline.config import Settings
+    from pipeline.runner import run_export
 
     try:
         settings = Settings.build(str(config) if config else None, environment, **options)

@@ -22,7 +22,7 @@ from tests.conftest import (
 
 
 def iso(ms: int) -> str:
-    from pipeline.dataset.manifest import iso_ms
+    from pipeline.timestamps import iso_ms
 
     return iso_ms(ms)
 

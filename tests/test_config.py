@@ -1,10 +1,13 @@
+import dataclasses
+import subprocess
+import sys
 import typing
 from pathlib import Path
 
 import pytest
 
 from pipeline.api.filters import FILTERS
-from pipeline.config import OPTIONS, Settings, load_settings, parse_duration_ms, parse_time_ms
+from pipeline.config import COMMANDS, OPTIONS, Settings, load_settings, options_of
 from pipeline.errors import (
     DOCUMENTED,
     ApiError,
@@ -15,6 +18,7 @@ from pipeline.errors import (
     UsageError,
     exit_codes_line,
 )
+from pipeline.timestamps import parse_duration_ms, parse_time_ms
 
 NOW = 1_800_000_000_000
 
@@ -90,7 +94,6 @@ def test_times_and_durations():
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS_DOC = ROOT / "docs" / "configuration.md"  # the option and filter tables
 EXIT_CODES_DOC = ROOT / "README.md"  # the exit-code line
-PENDING = {"table_format"}  # documented options whose code is landing on another branch
 
 
 def table_rows(markdown: str, header: str) -> list[list[str]]:
@@ -130,9 +133,6 @@ def test_documented_option_table_matches_the_declarations():
     from pipeline.cli import cli
 
     rows = table_rows(OPTIONS_DOC.read_text(), "| option | default | environment variable |")
-    declared = {o.name for o in OPTIONS}
-    # documented ahead of its code by agreement; checked in full once declared
-    rows = [r for r in rows if r[0].strip("`") in declared or r[0].strip("`") not in PENDING]
     assert [r[0] for r in rows] == [f"`{o.name}`" for o in OPTIONS]
     params = command_params(cli)
     for row, option in zip(rows, OPTIONS, strict=True):
@@ -152,18 +152,78 @@ def test_documented_filter_table_matches_the_declarations():
         assert row[2].startswith(f"`{filter_.param}`")
 
 
-def test_every_option_is_a_flag_with_its_type():
+def leaf_commands(group, prefix=""):
+    """Every runnable command of the CLI as `sessions-export <path>` names it."""
+    import click
+
+    for name, command in group.commands.items():
+        path = f"{prefix}{name}"
+        if isinstance(command, click.Group):
+            yield from leaf_commands(command, path + " ")
+        else:
+            yield path, command
+
+
+def test_each_command_takes_exactly_its_options_as_flags():
     from pipeline.cli import cli
 
-    run = cli.commands["run"]
-    params = {p.name: p for p in run.params}
+    commands = dict(leaf_commands(cli))
     for option in OPTIONS:
-        if option.name in params:
+        assert option.commands and set(option.commands) <= set(COMMANDS), option.name
+    assert set(COMMANDS) == set(commands)  # every command takes options (emulator is apart)
+    for path, command in commands.items():
+        params = {p.name: p for p in command.params}
+        flags = {name for name in params if name in {o.name for o in OPTIONS}}
+        assert flags == {o.name for o in options_of(path)}, path
+        for option in options_of(path):
             param = params[option.name]
             assert param.default is None, option.name  # unset flags never hide the file
-            if option.type is not bool and not option.choices:
+            assert option.flag in param.opts, option.name
+            if option.type is not bool:
                 assert param.type.name == {str: "text", int: "integer", float: "float"}[option.type]
-    assert {"branch", "ca_bundle", "api_url", "status", "type"} <= set(params)
+    assert {"branch", "ca_bundle", "api_url", "status", "type"} <= {p.name for p in commands["run"].params}
+
+
+def test_ranges_live_on_the_options():
+    ranged = [o for o in OPTIONS if o.at_least is not None or o.above is not None]
+    assert {"flush_rows", "concurrency", "read_timeout"} <= {o.name for o in ranged}
+    for option in ranged:
+        bound = option.at_least if option.at_least is not None else option.above
+        too_small = option.type(bound - 1 if option.at_least is not None else bound)
+        with pytest.raises(UsageError, match=rf"^{option.name} must be"):
+            load_settings(None, {option.name: too_small}, {})
+        assert getattr(load_settings(None, {option.name: option.type(bound + 1)}, {}), option.name) == bound + 1
+
+
+def test_jobs_and_client_options_take_their_defaults_from_settings():
+    from pipeline.api.client import ClientSettings
+    from pipeline.jobs.backfill import BackfillOptions
+    from pipeline.jobs.incremental import RunOptions
+    from pipeline.runner import client_settings
+
+    names = {o.name for o in OPTIONS} | {"base_url"}
+    for cls in (RunOptions, BackfillOptions, ClientSettings):
+        for spec in dataclasses.fields(cls):
+            redeclared = spec.default is not dataclasses.MISSING or spec.default_factory is not dataclasses.MISSING
+            assert not (spec.name in names and redeclared), f"{cls.__name__}.{spec.name}"
+    settings = Settings.build(read_timeout=5, api_url="https://x.example", enrich_trigger_config=False)
+    client = client_settings(settings, concurrency=3)
+    assert (client.base_url, client.read_timeout, client.max_attempts, client.concurrency) == (
+        "https://x.example", 5.0, Settings().max_attempts, 3)
+
+
+def test_table_format_delta_is_not_available_yet(tmp_path):
+    assert Settings().table_format == "parquet"
+    assert load_settings(None, {"table_format": "parquet"}, {}).table_format == "parquet"
+    with pytest.raises(UsageError, match="delta is not available yet"):
+        Settings.build(table_format="delta")
+    with pytest.raises(UsageError, match="table_format must be parquet, delta"):
+        load_settings(write(tmp_path, 'table_format = "orc"\n'), {}, {})
+    for command in (["verify"], ["load", "duckdb", "--database", str(tmp_path / "d.db")]):
+        out = subprocess.run([sys.executable, "-m", "pipeline", *command, "--output", str(tmp_path / "o"),
+                              "--table-format", "delta"], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 2, out
+        assert out.stderr.strip().count("\n") == 0 and "not available yet" in out.stderr
 
 
 def test_settings_are_typed_fields_not_a_lookup():

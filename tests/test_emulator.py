@@ -757,3 +757,19 @@ def test_the_list_lags_by_the_replication_delay() -> None:
         time.sleep(0.7)
         assert session["id"] in listed(tags="new") and session["id"] not in listed(tags="old")
         assert session["id"] in listed(status="CLOSED")
+
+
+def test_the_emulator_flags_are_the_config_fields() -> None:
+    import dataclasses
+
+    from pipeline.emulator.cli import emulator_command
+
+    params = {p.name: p for p in emulator_command.params if p.name != "help"}
+    fields = {f.name: f for f in dataclasses.fields(EmulatorConfig)}
+    assert set(params) == set(fields)
+    for name, param in params.items():
+        if name != "anchor":  # None means now, resolved when the command runs
+            assert param.default == fields[name].default, name
+    flags = {opt for p in params.values() for opt in p.opts}
+    assert {"--api-key", "--forbidden-key", "--no-rate-limit", "--allow-remote", "--fault-5xx"} <= flags
+    assert params["rate_limit"].flag_value is False and params["allow_remote"].flag_value is True

@@ -4,6 +4,7 @@ partition pruning, local and S3)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import date
@@ -23,6 +24,35 @@ def test_import_pipeline_stays_cheap():
     code = "import sys, pipeline; print(sorted(m for m in ('polars', 'pyarrow', 'httpx', 'click') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out
+
+
+def test_the_library_loads_no_cli_and_changes_no_process_wide_state(tmp_path):
+    # a real export() that fails fast (nothing listens on port 9) with click made
+    # unimportable (httpx alone tries it, for its own CLI, and does without)
+    code = f"""
+import os, sys, pyarrow
+
+class NoClick:
+    def find_spec(self, name, path=None, target=None):
+        if name == "click" or name.startswith("click."):
+            raise ImportError("click is the CLI's")
+
+sys.meta_path.insert(0, NoClick())
+pool = pyarrow.default_memory_pool().backend_name
+import pipeline
+try:
+    pipeline.export(output={str(tmp_path / "out")!r}, api_url="http://127.0.0.1:9", max_attempts=1,
+                    log_level="warning")
+except pipeline.ExportError as error:
+    print("exit", error.exit_code)
+pipeline.scan_sessions({str(tmp_path / "out")!r})
+print(sorted(m for m in ("click", "pipeline.cli", "pipeline.__main__") if m in sys.modules))
+print(os.environ.get("ARROW_DEFAULT_MEMORY_POOL"), pyarrow.default_memory_pool().backend_name == pool)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    env["TRIGGER_SECRET_KEY"] = KEY
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.stdout.split("\n")[:3] == ["exit 4", "[]", "None True"], out
 
 
 def test_export_then_scan_sessions_after_changes(emulator, tmp_path, monkeypatch):

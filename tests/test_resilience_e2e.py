@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.api.client import ClientSettings, TriggerClient
+from pipeline.api.client import TriggerClient
+from pipeline.config import Settings
 from pipeline.errors import ApiError, QueryRejected
+from pipeline.runner import client_settings
 from tests.conftest import (
     KEY,
     ROOT,
@@ -77,7 +79,7 @@ def test_rate_limit_is_paced_with_few_429s(emulator, output):
 def test_429_from_a_bucket_shared_with_another_consumer_is_waited_out(emulator):
     emu = emulator(sessions=500, rate_limit=True, rate_limit_burst=3, rate_limit_refill=3,
                    rate_limit_interval=0.3)
-    settings = ClientSettings(base_url=emu.url)
+    settings = client_settings(Settings(api_url=emu.url))
     with TriggerClient(settings, KEY) as ours, TriggerClient(settings, KEY) as other:
         for _ in range(4):
             ours.list_sessions({"page[size]": "100"})
@@ -105,7 +107,7 @@ def test_retry_budget_exhausted_exits_4_and_the_next_run_resumes(emulator, outpu
 
 def test_x_should_retry_false_is_honoured(emulator):
     emu = emulator(sessions=50, fault_seed=1, fault_5xx=1.0, fault_header_should_retry=True)
-    settings = ClientSettings(base_url=emu.url, max_attempts=50, backoff_initial=0.001)
+    settings = client_settings(Settings(api_url=emu.url, max_attempts=50, backoff_initial=0.001))
     with TriggerClient(settings, KEY) as client, pytest.raises(ApiError):
         client.list_sessions({"page[size]": "100"})
     assert client.stats.requests < 50  # gave up on the first `x-should-retry: false`
@@ -113,7 +115,7 @@ def test_x_should_retry_false_is_honoured(emulator):
 
 def test_bad_request_fails_at_once_with_the_server_detail(emulator):
     emu = emulator(sessions=10)
-    with TriggerClient(ClientSettings(base_url=emu.url), KEY) as client:
+    with TriggerClient(client_settings(Settings(api_url=emu.url)), KEY) as client:
         with pytest.raises(QueryRejected, match=r"page\.size"):
             client.list_sessions({"page[size]": "500"})
         assert client.stats.requests == 1

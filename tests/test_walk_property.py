@@ -13,10 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipeline.api.client import ClientSettings, TriggerClient
+from pipeline.api.client import TriggerClient
 from pipeline.api.walker import Listing, WalkState, derived_status, walk_listing
+from pipeline.config import Settings
 from pipeline.emulator import EmulatorConfig, start_in_thread
 from pipeline.emulator.timestamps import now_ms
+from pipeline.runner import client_settings
 from tests.conftest import (
     KEY,
     assert_dataset_equals,
@@ -63,7 +65,7 @@ def test_the_union_walked_equals_the_data(seed: int) -> None:
         id_skew_ms=case["skew"], same_ms_burst=case["burst"], rate_limit=False,
     )
     with start_in_thread(config) as emu, TriggerClient(
-        ClientSettings(base_url=emu.url), KEY
+        client_settings(Settings(api_url=emu.url)), KEY
     ) as client, httpx.Client(base_url=emu.url, headers=AUTH) as http:
         started = now_ms()
         truth = emulator_sessions(emu.url)

@@ -48,19 +48,20 @@ PAGE_SIZE = 100
 
 @dataclass(frozen=True)
 class ClientSettings:
-    """How to reach the API and how hard to try; every field is a documented option."""
+    """How to reach the API and how hard to try. The options' defaults are `Settings`'
+    (build with `runner.client_settings`); the rest are not options."""
 
-    base_url: str = "https://api.trigger.dev"
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    max_attempts: int = 6  # per request, for faults; 429 waits are not counted
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
+    base_url: str
+    connect_timeout: float
+    read_timeout: float
+    max_attempts: int  # per request, for faults; 429 waits are not counted
+    backoff_initial: float
+    backoff_max: float
+    allow_insecure_http: bool
+    branch: str | None  # sent as x-trigger-branch (preview and dev branches)
+    ca_bundle: str | None  # PEM file of the CAs to trust instead of the default ones
+    concurrency: int  # requests in flight at once: one pooled connection each
     max_rate_limit_wait: float = 900.0  # total seconds one request may spend waiting on 429s
-    allow_insecure_http: bool = False
-    concurrency: int = 1
-    branch: str | None = None  # sent as x-trigger-branch (preview and dev branches)
-    ca_bundle: str | None = None  # PEM file of the CAs to trust instead of the default ones
 
 
 class SessionPage:

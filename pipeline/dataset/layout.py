@@ -26,7 +26,6 @@ from pipeline.store.storage import Storage, StoredFile
 
 DATASET_DIR = "sessions"
 COMPACT_PREFIX = "part-c"
-MS_PER_DAY = 86_400_000
 
 _PARTITION_FILE = re.compile(
     rf"^{DATASET_DIR}/{PARTITION_KEY}=(\d{{4}}-\d{{2}}-\d{{2}})/([^/]+\.parquet)$"

@@ -6,13 +6,8 @@ import json
 from dataclasses import asdict, dataclass
 
 from pipeline.store.storage import Storage
-from pipeline.timestamps import format_timestamp_ms
 
 RUNS_DIR = "_runs"
-
-
-def iso_ms(epoch_ms: int | None) -> str | None:
-    return None if epoch_ms is None else format_timestamp_ms(epoch_ms)
 
 
 @dataclass(frozen=True)

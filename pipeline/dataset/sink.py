@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dataset.layout import MS_PER_DAY as _MS_PER_DAY
 from pipeline.dataset.layout import data_file_path, day_of
 from pipeline.dataset.schema import SCHEMA
 from pipeline.store.storage import Storage
+from pipeline.timestamps import MS_PER_DAY as _MS_PER_DAY
 
 BATCH_ROWS = 2000  # buffered pages are joined into batches of about this many rows
 ROW_GROUP_ROWS = 8192  # bounds the Parquet writer's buffers: peak memory stays flat with file size

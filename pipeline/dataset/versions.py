@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.dataset.layout import (
-    MS_PER_DAY,
     DataFile,
     day_of,
     files_by_partition,
@@ -27,6 +26,7 @@ from pipeline.dataset.layout import (
     written_by,
 )
 from pipeline.store.storage import Storage
+from pipeline.timestamps import MS_PER_DAY
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ from typing import Any
 
 from pipeline.api.client import TriggerClient
 from pipeline.api.walker import WalkState
-from pipeline.dataset.manifest import iso_ms
 from pipeline.dataset.sink import ParquetSink
 from pipeline.errors import UsageError
 from pipeline.jobs.core import (
@@ -44,6 +43,7 @@ from pipeline.jobs.enrich import TriggerConfigFiller
 from pipeline.store.lock import lock_holder
 from pipeline.store.state import Window
 from pipeline.store.storage import Storage
+from pipeline.timestamps import iso_ms
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +133,19 @@ def split_point(low: int, high: int) -> int | None:
 
 @dataclass(frozen=True)
 class BackfillOptions:
+    """What one `backfill` is asked to do; built from `Settings` (`config.settings_for`),
+    whose options declare the defaults."""
+
     since_ms: int
     until_ms: int
     filters: dict[str, str]
     concurrency: int
     flush_rows: int
     flush_bytes: int
-    restart: bool = False
-    enrich_trigger_config: bool = True
-    enrich_concurrency: int = 8
-    range_basis: str = ""  # what identifies the range: absolute ms, or the relative words
+    restart: bool
+    enrich_trigger_config: bool
+    enrich_concurrency: int
+    range_basis: str  # what identifies the range: absolute ms, or the relative words
 
 
 Progress = Callable[["BackfillRun"], None]

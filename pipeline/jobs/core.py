@@ -32,14 +32,15 @@ from pipeline.dataset.flatten import (
     flatten_listed,
     flatten_sessions,
 )
-from pipeline.dataset.layout import MS_PER_DAY, partition_of, version_keys
-from pipeline.dataset.manifest import RunManifest, iso_ms
+from pipeline.dataset.layout import partition_of, version_keys
+from pipeline.dataset.manifest import RunManifest
 from pipeline.dataset.sink import ParquetSink
 from pipeline.dataset.versions import StoredVersions
 from pipeline.errors import ApiError
 from pipeline.jobs.enrich import TriggerConfigFiller
 from pipeline.store.state import Window
 from pipeline.store.storage import Storage
+from pipeline.timestamps import MS_PER_DAY, iso_ms
 
 log = logging.getLogger(__name__)
 

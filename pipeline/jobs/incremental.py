@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,7 +22,6 @@ import pyarrow.compute as pc
 from pipeline.api.client import TriggerClient
 from pipeline.api.walker import WalkState
 from pipeline.dataset.layout import version_keys
-from pipeline.dataset.manifest import iso_ms
 from pipeline.dataset.sink import ParquetSink
 from pipeline.jobs.capture import ChangeCapture, PartCost, active_rows, live_mask
 from pipeline.jobs.core import (
@@ -52,21 +51,25 @@ from pipeline.store.state import (
     Window,
 )
 from pipeline.store.storage import Storage
+from pipeline.timestamps import iso_ms
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RunOptions:
-    filters: dict[str, str] = field(default_factory=dict)
-    lookback_ms: int = 15 * 60 * 1000
-    rescan_ms: int = 24 * 3600 * 1000
-    track_active: bool = True
-    enrich_trigger_config: bool = True
-    enrich_concurrency: int = 8
-    flush_rows: int = 10_000
-    flush_bytes: int = 64 * 1024 * 1024
-    full_refresh: bool = False
+    """What one `run` is asked to do; built from `Settings` (`config.settings_for`), whose
+    options declare the defaults."""
+
+    filters: dict[str, str]
+    lookback_ms: int
+    rescan_ms: int
+    track_active: bool
+    enrich_trigger_config: bool
+    enrich_concurrency: int
+    flush_rows: int
+    flush_bytes: int
+    full_refresh: bool
 
 
 def plan_window(checkpoint: Checkpoint, now_ms: int, reread_ms: int, full: bool) -> Window:

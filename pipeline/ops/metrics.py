@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.dataset.manifest import iso_ms
 from pipeline.errors import ExitCode, ExportError
 from pipeline.store.storage import Storage
+from pipeline.timestamps import iso_ms
 
 log = logging.getLogger("pipeline.summary")
 

@@ -1,0 +1,178 @@
+"""The commands that do work, as library calls: `Settings` in, the parts built from them, the
+job run, its outcome recorded and returned.
+
+`sessions-export run` and `pipeline.export()` both call `run_export`; the CLI adds only the
+terminal (a progress display, `echo`) and the mapping of errors to exit codes. Nothing here
+imports click or changes process-wide state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import DEFAULT_SECRET_KEY_ENV, Settings, settings_for
+from pipeline.errors import AuthError, UsageError
+from pipeline.ops.logs import register_secret
+from pipeline.store.state import StateStore
+from pipeline.store.storage import Storage
+from pipeline.timestamps import DURATION, parse_duration_ms, parse_time_ms
+
+if TYPE_CHECKING:
+    from pipeline.api.client import ClientSettings, TriggerClient
+    from pipeline.jobs.core import RunSummary
+
+Echo = Callable[[str], Any]
+
+
+def output_storage(settings: Settings) -> Storage:
+    return Storage(settings.output)
+
+
+def state_store(settings: Settings) -> StateStore:
+    if settings.state:
+        return StateStore(Storage(settings.state))
+    return StateStore(output_storage(settings).child("_state"))
+
+
+def client_settings(settings: Settings, concurrency: int = 1) -> ClientSettings:
+    """The client's options: `concurrency` walkers, plus the single-session fetches."""
+    from pipeline.api.client import ClientSettings
+
+    fetches = settings.enrich_concurrency if settings.enrich_trigger_config else 0
+    # walkers plus single-session fetches: each needs its own pooled connection
+    return settings_for(
+        ClientSettings, settings, base_url=settings.api_url, concurrency=concurrency + fetches
+    )
+
+
+def make_client(settings: Settings, concurrency: int = 1) -> TriggerClient:
+    """The API client, with the secret key read from the environment (never a setting)."""
+    from pipeline.api.auth import read_secret_key
+    from pipeline.api.client import TriggerClient
+
+    key = read_secret_key(settings.secret_key_env, os.environ)
+    register_secret(key.value)
+    if not key.value and settings.secret_key_env != DEFAULT_SECRET_KEY_ENV:
+        where = f" (environment {settings.environment})" if settings.environment else ""
+        raise AuthError(f"{key.source} is not set: export the secret key{where}")
+    return TriggerClient(client_settings(settings, concurrency), key.value, key_variable=key.source)
+
+
+def run_export(
+    settings: Settings,
+    full_refresh: bool,
+    compact_after: bool,
+    display: Any = None,
+    echo: Echo | None = None,
+) -> RunSummary:
+    """`run`: the incremental export, its metrics, and its `RunSummary`."""
+    from pipeline.jobs.incremental import IncrementalRun, RunOptions
+    from pipeline.ops.metrics import record_failure, record_success
+
+    options = settings_for(
+        RunOptions,
+        settings,
+        lookback_ms=parse_duration_ms(settings.lookback, "lookback"),
+        rescan_ms=parse_duration_ms(settings.rescan, "rescan"),
+        full_refresh=full_refresh,
+    )
+    try:
+        state = state_store(settings)
+        summary = _drive(
+            settings,
+            lambda client: IncrementalRun(
+                client, output_storage(settings), state, options, on_progress=display
+            ),
+            1,
+            display,
+            echo,
+        )
+        if compact_after and summary.files:
+            compact_dataset(settings, touched_partitions(settings, summary.run_id), echo)
+    except BaseException as error:
+        record_failure(settings.metrics_file, settings.environment, error, settings.branch)
+        raise
+    record_success(settings.metrics_file, settings.environment, summary, settings.branch)
+    return summary
+
+
+def run_backfill(
+    settings: Settings, restart: bool, display: Any = None, echo: Echo | None = None
+) -> RunSummary:
+    """`backfill`: export the createdAt range `since` .. `until` (default now)."""
+    from pipeline.jobs.backfill import BackfillOptions, BackfillRun
+    from pipeline.jobs.core import wall_clock_ms
+
+    if not settings.since:
+        raise UsageError("backfill needs --since (e.g. --since 2026-01-01 or --since 90d)")
+    now = wall_clock_ms()
+    since = parse_time_ms(settings.since, "--since", now)
+    until = parse_time_ms(settings.until, "--until", now) if settings.until else now
+    if since > until:
+        raise UsageError(f"--since ({settings.since}) is after --until ({settings.until or 'now'})")
+    # relative words (90d, "now") name the range as typed, so the same command resumes it
+    basis = " .. ".join(
+        (text or "now") if text is None or DURATION.match(text) else str(ms)
+        for text, ms in ((settings.since, since), (settings.until, until))
+    )
+    options = settings_for(
+        BackfillOptions,
+        settings,
+        range_basis=basis,
+        since_ms=since,
+        until_ms=until,
+        restart=restart,
+    )
+    state_storage = state_store(settings).storage
+    return _drive(
+        settings,
+        lambda client: BackfillRun(
+            client, output_storage(settings), state_storage, options, on_progress=display
+        ),
+        settings.concurrency,
+        display,
+        echo,
+    )
+
+
+def _drive(
+    settings: Settings,
+    job: Callable[[TriggerClient], Any],
+    concurrency: int,
+    display: Any,
+    echo: Echo | None,
+) -> RunSummary:
+    """Execute the job made for a fresh client, close the display, report the summary."""
+    from pipeline.ops.metrics import log_summary, summary_text
+
+    try:
+        with make_client(settings, concurrency) as client:
+            summary: RunSummary = job(client).execute()
+    finally:
+        if display is not None:
+            display.close()
+    if echo is not None:
+        echo(summary_text(summary, settings.branch))
+    log_summary(summary, settings.environment, settings.branch)
+    return summary
+
+
+def touched_partitions(settings: Settings, run_id: str) -> list[str]:
+    """The partitions a finished run wrote, from its manifest."""
+    data = output_storage(settings).read_bytes(f"_runs/{run_id}.json")
+    return list(json.loads(data)["partitions"]) if data else []
+
+
+def compact_dataset(settings: Settings, only: list[str] | None, echo: Echo | None) -> None:
+    """`compact`: every partition, or `only` those, under the run lock."""
+    from pipeline.dataset.compact import compact
+    from pipeline.jobs.core import new_run_id, wall_clock_ms
+    from pipeline.store.lock import lock_holder
+
+    with state_store(settings).lock(lock_holder()):
+        summary = compact(output_storage(settings), new_run_id(wall_clock_ms()), only)
+    if echo is not None:
+        echo(summary.line())
