@@ -169,7 +169,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(argv: list[str], ready, name: str, **popen: object) -> subprocess.Popen:  # noqa: ANN001
+def start_server(argv: list[str], ready, name: str, **popen: object) -> subprocess.Popen:
     """Start a test's own server process and wait until `ready()` stops raising OSError or
     httpx.HTTPError (30 s at most); killed and reported if it never does."""
     import time

@@ -134,7 +134,7 @@ class RepeatingServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the http.server protocol
+            def do_GET(self) -> None:
                 outer.requests += 1
                 parts = urlsplit(self.path)
                 params = dict(parse_qsl(parts.query))

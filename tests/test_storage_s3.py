@@ -51,7 +51,7 @@ class S3Server:
     endpoint: str
     env: dict[str, str]
 
-    def client(self):  # noqa: ANN201
+    def client(self):
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
                             aws_access_key_id="testing", aws_secret_access_key="testing")
 
