@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.emulator import EmulatorConfig, start_in_thread
+from tests.gate import Gate
 
 KEY = "tr_dev_test_key_0123456789"
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,20 @@ def emulator():
     yield start
     for handle in running:
         handle.stop()
+
+
+@pytest.fixture
+def gate() -> Iterator[Callable[[str, int], Gate]]:
+    """Put a gate in front of a URL: `budget` requests pass, later ones wait (tests/gate.py)."""
+    gates: list[Gate] = []
+
+    def start(upstream: str, budget: int) -> Gate:
+        gates.append(Gate(upstream, budget))
+        return gates[-1]
+
+    yield start
+    for opened in gates:
+        opened.close()
 
 
 def run_cli(*args: str, url: str | None = None, key: str | None = KEY, timeout: float = 300,
