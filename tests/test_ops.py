@@ -139,6 +139,7 @@ type = "chat.agent"
     return config
 
 
+@pytest.mark.slow
 def test_environments_run_one_or_all_with_their_own_keys(emulator, tmp_path):
     dev_key, prod_key = "tr_dev_DevKeyForTest0001", SECRET
     dev = emulator(sessions=120, seed=53, api_keys=(dev_key,), list_trigger_config="include")
