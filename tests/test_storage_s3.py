@@ -140,19 +140,21 @@ def _spawn(*args: str, url: str, aws: dict[str, str]) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
 
 
-def test_second_run_exits_75_while_the_first_holds_the_s3_lease(emulator, s3):
-    emu = emulator(sessions=1500, latency_ms=25, list_trigger_config="include")
+def test_second_run_exits_75_while_the_first_holds_the_s3_lease(emulator, gate, s3):
+    emu = emulator(sessions=1500, list_trigger_config="include")
+    held = gate(emu.url, 3)  # the first run stops at its fourth request, holding the lease
     bucket = s3.new_bucket()
     output = f"s3://{bucket}/out"
-    first = _spawn("run", "--output", output, "--flush-rows", "200", url=emu.url, aws=s3.env)
+    first = _spawn("run", "--output", output, "--flush-rows", "200", url=held.url, aws=s3.env)
     deadline = time.monotonic() + 30
-    while "out/_state/lock" not in keys(s3, bucket, "out/_state/"):
+    while "out/_state/lock" not in keys(s3, bucket, "out/_state/") or not held.waiting:
         assert time.monotonic() < deadline and first.poll() is None, "first run never locked"
         time.sleep(0.05)
     second = s3_cli("run", "--output", output, url=emu.url, aws=s3.env)
     assert second.returncode == 75, second.stderr
     assert "another export holds the lock" in second.stderr and "pid=" in second.stderr
     assert "Traceback" not in second.stderr
+    held.open()
     out, err = first.communicate(timeout=60)
     assert first.returncode == 0, err
     assert "out/_state/lock" not in keys(s3, bucket, "out/_state/")
