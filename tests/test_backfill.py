@@ -48,6 +48,7 @@ def test_bad_range_and_split_points():
     assert 0 <= cut < 10_000
 
 
+@pytest.mark.slow
 def test_backfill_exports_the_range_exactly_and_leaves_the_checkpoint(emulator, output):
     emu = emulator(sessions=6000, seed=71, days=30, latency_ms=5, list_trigger_config="include",
                    rate_limit=True, rate_limit_burst=30, rate_limit_refill=15,

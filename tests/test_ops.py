@@ -40,6 +40,7 @@ def metrics(path: Path) -> dict[tuple[str, str], float]:
     return samples
 
 
+@pytest.mark.slow
 def test_json_logs_parse_end_in_a_summary_and_never_hold_the_key(emulator, tmp_path):
     emu = emulator(sessions=400, seed=51, api_keys=(SECRET,), list_trigger_config="include")
     output = tmp_path / "out"

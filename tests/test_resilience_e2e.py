@@ -173,6 +173,7 @@ def _file_size_limit():
     resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
 
+@pytest.mark.slow
 def test_disk_error_mid_run_exits_5_without_advancing_the_checkpoint(emulator, output):
     emu = emulator(sessions=3000, seed=61, list_trigger_config="include")
     first = run_cli("run", "--output", str(output), "--flush-rows", "500", url=emu.url)

@@ -258,6 +258,7 @@ def test_missing_or_rejected_key_exits_3_without_traceback(emulator, output):
     assert os.environ.get("TRIGGER_SECRET_KEY") != "tr_dev_wrong_key_123"
 
 
+@pytest.mark.slow
 def test_readme_duckdb_query_returns_the_latest_version_of_each_session(emulator, output):
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### DuckDB"):]
