@@ -1,4 +1,5 @@
-"""Shared fixtures: the real emulator over HTTP, the real CLI in a subprocess, Parquet read back."""
+"""Shared fixtures: the real emulator over HTTP, the real CLI in a subprocess, Parquet read back;
+S3 and PostgreSQL servers of the tests' own, and a gate that holds requests."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import boto3
 import httpx
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -218,7 +218,7 @@ def start_server(argv: list[str], ready: Callable[[], object], name: str,
             time.sleep(0.1)
 
 
-# -- S3: a moto server of the test module's own -------------------------------------------------------
+# -- S3: a moto server per test module ---------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -227,6 +227,8 @@ class S3Server:
     env: dict[str, str]
 
     def client(self):  # a boto3 S3 client (boto3's types are generated at runtime)
+        import boto3  # only the S3 tests pay for its import
+
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
                             aws_access_key_id="testing", aws_secret_access_key="testing")
 
