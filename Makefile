@@ -4,8 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install bytecode demo test lint bench bench-faults bench-backfill bench-walk bench-dataset \
-	bench-compact bench-refresh bench-versions bench-load clean
+.PHONY: install bytecode demo test test-fast lint bench bench-faults bench-backfill bench-walk \
+	bench-dataset bench-compact bench-refresh bench-versions bench-load clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: bytecode
 ## The whole test suite.
 test: bytecode
 	$(BIN)/python -m pytest -q
+
+## All but the tests marked slow (big data, kill loops, lease sleeps): about a minute.
+test-fast: bytecode
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests bench

@@ -2,7 +2,7 @@
 per row): realistic columns, several versions of some sessions, files as runs write them.
 
 `python -m bench.dataset OUT --versions 10000000 --days 30` lays out a whole dataset;
-`write_partition` builds one partition (the compaction benchmark and its test use it).
+`write_partition` builds one partition (the compaction benchmark uses it).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ TARGET_RSS_MB = 130.0
 TARGET_RSS_GROWTH = 0.10
 
 
-def one_round(url: str, sessions: int, export_first: bool, emulator_cpu) -> dict[str, tuple]:  # noqa: ANN001
+def one_round(url: str, sessions: int, export_first: bool, emulator_cpu) -> dict[str, tuple]:
     """One bare run and one export, in the given order: (Measured, emulator CPU seconds)."""
     runs: dict[str, tuple[Measured, float]] = {}
     for side in ("export", "bare") if export_first else ("bare", "export"):

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real emulator over HTTP, the real CLI in a subprocess, Parquet read back."""
+"""Shared fixtures: the real emulator over HTTP, the real CLI in a subprocess, Parquet read back;
+S3 and PostgreSQL servers of the tests' own, and a gate that holds requests."""
 
 from __future__ import annotations
 
@@ -6,16 +7,20 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import replace
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.emulator import EmulatorConfig, start_in_thread
+from tests.gate import Gate
+from tests.postgres_server import PostgresServer, find_binaries, postgres_server
 
 KEY = "tr_dev_test_key_0123456789"
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +40,30 @@ def emulator():
     yield start
     for handle in running:
         handle.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server for the module (tests/postgres_server.py)."""
+    bin_dir = find_binaries()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL's initdb and pg_ctl are not on this machine (set PG_BIN)")
+    with postgres_server(bin_dir) as running:
+        yield running
+
+
+@pytest.fixture
+def gate() -> Iterator[Callable[[str, int], Gate]]:
+    """Put a gate in front of a URL: `budget` requests pass, later ones wait (tests/gate.py)."""
+    gates: list[Gate] = []
+
+    def start(upstream: str, budget: int) -> Gate:
+        gates.append(Gate(upstream, budget))
+        return gates[-1]
+
+    yield start
+    for opened in gates:
+        opened.close()
 
 
 def run_cli(*args: str, url: str | None = None, key: str | None = KEY, timeout: float = 300,
@@ -169,7 +198,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(argv: list[str], ready, name: str, **popen: object) -> subprocess.Popen:  # noqa: ANN001
+def start_server(argv: list[str], ready: Callable[[], object], name: str,
+                 **popen: object) -> subprocess.Popen:
     """Start a test's own server process and wait until `ready()` stops raising OSError or
     httpx.HTTPError (30 s at most); killed and reported if it never does."""
     import time
@@ -186,3 +216,79 @@ def start_server(argv: list[str], ready, name: str, **popen: object) -> subproce
                 process.kill()
                 raise RuntimeError(f"{name} did not start") from None
             time.sleep(0.1)
+
+
+# -- S3: a moto server per test module ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    env: dict[str, str]
+
+    def client(self):  # a boto3 S3 client (boto3's types are generated at runtime)
+        import boto3  # only the S3 tests pay for its import
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def filesystem(self) -> pafs.S3FileSystem:
+        return pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1",
+                                 endpoint_override=self.endpoint)
+
+    def new_bucket(self) -> str:
+        name = f"export-{uuid.uuid4().hex[:10]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+def aws_env(endpoint: str) -> dict[str, str]:
+    """Credentials and endpoint the standard way; no config files, no instance metadata."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    """A moto S3 server on 127.0.0.1 for the module, its credentials in os.environ too."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = start_server(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        lambda: httpx.get(f"{endpoint}/moto-api/", timeout=1), "moto server",
+    )
+    saved = {k: os.environ.get(k) for k in aws_env(endpoint)}
+    os.environ.update(aws_env(endpoint))  # for the in-process lease tests
+    try:
+        yield S3Server(endpoint, aws_env(endpoint))
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def s3_cli(*args: str, url: str | None, aws: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The CLI with only the given AWS environment (none inherited)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIGGER_", "AWS_"))}
+    env.update(aws, TRIGGER_SECRET_KEY=KEY)
+    if url:
+        env["TRIGGER_API_URL"] = url
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, text=True,
+                          capture_output=True, timeout=120, cwd=ROOT)
+
+
+def keys(s3: S3Server, bucket: str, prefix: str) -> list[str]:
+    """The object keys under `prefix`, sorted."""
+    listing = s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for o in listing.get("Contents", []))

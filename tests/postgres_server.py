@@ -1,4 +1,5 @@
-"""A throwaway PostgreSQL server on 127.0.0.1 (initdb + pg_ctl), for tests and `bench/`.
+"""A throwaway PostgreSQL server on 127.0.0.1 (initdb + pg_ctl), for `bench/` and the tests
+(through conftest's `postgres` fixture).
 
 As root the server runs as `nobody` (PostgreSQL refuses to run as root), in a temp directory
 that user owns; the superuser `postgres` logs in over TCP with a password (scram-sha-256),
@@ -28,11 +29,13 @@ class PostgresServer:
     port: int
     data: Path
     host: str = "127.0.0.1"
+    user: str = USER
+    password: str = PASSWORD
 
-    def env(self, database: str, password: str = PASSWORD) -> dict[str, str]:
-        """The libpq environment a client of this server uses."""
+    def env(self, database: str, password: str | None = None) -> dict[str, str]:
+        """The libpq environment a client of this server uses (its password unless given)."""
         return {"PGHOST": self.host, "PGPORT": str(self.port), "PGDATABASE": database,
-                "PGUSER": USER, "PGPASSWORD": password}
+                "PGUSER": self.user, "PGPASSWORD": self.password if password is None else password}
 
     def cpu_seconds(self) -> float:
         """CPU time of the whole server so far: the postmaster, its exited children (the
@@ -49,8 +52,8 @@ class PostgresServer:
         return total / ticks
 
     def conninfo(self, database: str) -> str:
-        return (f"host={self.host} port={self.port} dbname={database} user={USER} "
-                f"password={PASSWORD}")
+        return (f"host={self.host} port={self.port} dbname={database} user={self.user} "
+                f"password={self.password}")
 
 
 def _stat(pid: int) -> list[str]:

@@ -10,7 +10,7 @@ from proxy.http.proxy import HttpProxyBasePlugin
 
 
 class RecordingResolver(HttpProxyBasePlugin):
-    def resolve_dns(self, host: str, port: int):  # noqa: ANN201
+    def resolve_dns(self, host: str, port: int):
         return ("127.0.0.1", None) if host.endswith(".test") else (None, None)
 
     def handle_client_request(self, request: HttpParser) -> HttpParser:

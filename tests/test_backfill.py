@@ -48,6 +48,7 @@ def test_bad_range_and_split_points():
     assert 0 <= cut < 10_000
 
 
+@pytest.mark.slow
 def test_backfill_exports_the_range_exactly_and_leaves_the_checkpoint(emulator, output):
     emu = emulator(sessions=6000, seed=71, days=30, latency_ms=5, list_trigger_config="include",
                    rate_limit=True, rate_limit_burst=30, rate_limit_refill=15,
@@ -102,23 +103,28 @@ def test_sessions_sharing_a_boundary_millisecond_are_exported_once(emulator, out
     assert read_dataset(edge).num_rows == counts[shared[len(shared) // 2]]
 
 
-def test_backfill_resumes_after_kill_9(emulator, output):
-    emu = emulator(sessions=6000, seed=73, days=20, latency_ms=25)
+@pytest.mark.slow
+def test_backfill_resumes_after_kill_9(emulator, gate, output):
+    emu = emulator(sessions=9000, seed=73, days=20, list_trigger_config="include")
     args = ("backfill", "--since", "30d", "--output", str(output), "--concurrency", "3",
             "--flush-rows", "600")
-    process = spawn_cli(*args, url=emu.url)
-    state_files = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    # 65 of the walk's about 95 list pages pass (its first flushes come near page 45), then
+    # the gate holds the rest: the kill surely comes mid-walk, after a few flushes
+    held = gate(emu.url, 65)
+    process = spawn_cli(*args, url=held.url)
+    deadline = time.monotonic() + 120
+    state = {}
+    while time.monotonic() < deadline and process.poll() is None:
         state_files = list((output / "_state").glob("backfill-*.json"))
-        if state_files:
-            windows = json.loads(state_files[0].read_text())["windows"]
-            if sum(w["flush_seq"] for w in windows) >= 3:
+        if held.waiting and state_files:
+            state = json.loads(state_files[0].read_text())
+            if sum(w["flush_seq"] for w in state["windows"]) >= 3:
                 break
-        time.sleep(0.02)
+        time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    state = json.loads(state_files[0].read_text())
+    assert held.waiting, "the walk should be held at the gate"
+    assert sum(w["flush_seq"] for w in state["windows"]) >= 3, state["windows"]
     assert not state["complete"] and not all(w["done"] for w in state["windows"])
 
     # a different range is a different backfill; the same command resumes this one

@@ -162,11 +162,11 @@ def private_ca(tmp_path_factory) -> PrivateCA:
     return PrivateCA(bundle, cert, key)
 
 
-def _tls_emulator(emulator, ca: PrivateCA, **overrides):  # noqa: ANN001, ANN202
+def _tls_emulator(emulator, ca: PrivateCA, **overrides):
     return emulator(tls_cert=str(ca.cert), tls_key=str(ca.key), **overrides)
 
 
-def _private(emu, path: str, ca: PrivateCA) -> dict:  # noqa: ANN001
+def _private(emu, path: str, ca: PrivateCA) -> dict:
     base = emu.url.removesuffix(emu.config.path_prefix)
     return httpx.get(f"{base}{path}", verify=ssl.create_default_context(cafile=ca.bundle)).json()
 

@@ -66,6 +66,7 @@ def test_a_plain_cursor_walk_loses_rows_and_run_and_backfill_are_exact(emulator,
     assert read_dataset(back_out).num_rows == len(truth)
 
 
+@pytest.mark.slow
 def test_change_capture_listings_are_exact_over_skewed_ids(emulator, output):
     emu = emulator(**SKEWED)
     assert run_cli("run", "--output", str(output), url=emu.url).returncode == 0
@@ -134,7 +135,7 @@ class RepeatingServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the http.server protocol
+            def do_GET(self) -> None:
                 outer.requests += 1
                 parts = urlsplit(self.path)
                 params = dict(parse_qsl(parts.query))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import duckdb
+import pytest
 
 from pipeline.dataset.layout import DataFile
 from pipeline.dataset.load import files_to_read
@@ -41,6 +42,7 @@ def assert_table_equals(database, sessions: list[dict]) -> dict[str, dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_load_twice_changes_nothing_and_later_runs_apply_their_changes(emulator, tmp_path):
     emu = emulator(sessions=600, seed=41, days=8, list_trigger_config="include")
     output, database = tmp_path / "out", tmp_path / "warehouse.duckdb"
@@ -72,6 +74,7 @@ def test_load_twice_changes_nothing_and_later_runs_apply_their_changes(emulator,
     assert len(loaded_runs(database)) == 2
 
 
+@pytest.mark.slow
 def test_load_copes_with_files_compact_replaced(emulator, tmp_path):
     emu = emulator(sessions=300, seed=42, days=5, list_trigger_config="include")
     output, database = tmp_path / "out", tmp_path / "w.duckdb"

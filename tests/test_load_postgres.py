@@ -21,7 +21,6 @@ from pipeline.dataset.load_postgres import PostgresTarget, dsn_keys
 from pipeline.dataset.schema import SCHEMA
 from pipeline.errors import StorageError
 from tests.conftest import KEY, ROOT, api, emulator_sessions, latest_rows, read_dataset, run_cli
-from tests.postgres_server import PASSWORD, USER, find_binaries, postgres_server
 
 JSON_COLUMNS = ("metadata", "trigger_config_base_payload", "extra")
 # the contract's columns with their native PostgreSQL types, as format_type() spells them
@@ -41,36 +40,27 @@ NATIVE_TYPES = {
 _databases = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def server():
-    bin_dir = find_binaries()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL's initdb and pg_ctl are not on this machine (set PG_BIN)")
-    with postgres_server(bin_dir) as running:
-        yield running
-
-
 @pytest.fixture
-def database(server) -> str:
+def database(postgres) -> str:
     """A fresh database per test."""
     name = f"t{next(_databases)}"
-    with psycopg.connect(server.conninfo("postgres"), autocommit=True) as con:
+    with psycopg.connect(postgres.conninfo("postgres"), autocommit=True) as con:
         con.execute(f"CREATE DATABASE {name}")
     return name
 
 
-def load_pg(server, database, output, *args: str, password: str = PASSWORD):
+def load_pg(postgres, database, output, *args: str, password: str | None = None):
     return run_cli("load", "postgres", "--output", str(output), *args,
-                   env_extra=server.env(database, password))
+                   env_extra=postgres.env(database, password))
 
 
-def query(server, database, sql: str, params=None) -> list[tuple]:
-    with psycopg.connect(server.conninfo(database)) as con:
+def query(postgres, database, sql: str, params=None) -> list[tuple]:
+    with psycopg.connect(postgres.conninfo(database)) as con:
         return con.execute(sql, params).fetchall()
 
 
-def table_rows(server, database, table: str = "public.sessions") -> dict[str, dict]:
-    with psycopg.connect(server.conninfo(database)) as con:
+def table_rows(postgres, database, table: str = "public.sessions") -> dict[str, dict]:
+    with psycopg.connect(postgres.conninfo(database)) as con:
         cursor = con.execute(f"SELECT * FROM {table}")
         names = [d.name for d in cursor.description]
         rows = [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
@@ -97,12 +87,12 @@ def assert_table_matches_parquet(rows: dict[str, dict], output, but: str = "") -
 LOADING_DOC = ROOT / "docs" / "loading.md"  # its PostgreSQL query is run below
 
 
-def assert_documented_query_works(server, database, rows: dict[str, dict]) -> None:
+def assert_documented_query_works(postgres, database, rows: dict[str, dict]) -> None:
     page = LOADING_DOC.read_text()
     section = page[page.index("## Load into PostgreSQL"):]
     start = section.index("```sql") + len("```sql")
     sql = section[start:section.index("```", start)]
-    found = query(server, database, sql)
+    found = query(postgres, database, sql)
     now = datetime.now(UTC)
     since = now.date().toordinal() - 30
     expected = {sid for sid, row in rows.items() if row["closed_at"] is None
@@ -111,31 +101,32 @@ def assert_documented_query_works(server, database, rows: dict[str, dict]) -> No
     assert expected and {row[0] for row in found} == expected
 
 
+@pytest.mark.slow
 def test_first_load_reload_and_changes_keep_one_latest_row_per_session(
-        emulator, tmp_path, server, database):
+        emulator, tmp_path, postgres, database):
     emu = emulator(sessions=500, seed=51, days=8, list_trigger_config="include")
     output = tmp_path / "out"
     assert run_cli("run", "--output", str(output), url=emu.url).returncode == 0
 
-    first = load_pg(server, database, output)
+    first = load_pg(postgres, database, output)
     assert first.returncode == 0, first.stderr
     assert "1 new runs" in first.stdout and "public.sessions holds 500 sessions" in first.stdout
-    types = query(server, database,
+    types = query(postgres, database,
                   "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
                   "WHERE attrelid = 'public.sessions'::regclass AND attnum > 0 ORDER BY attnum")
     assert dict(types) == NATIVE_TYPES
-    assert query(server, database, "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON "
+    assert query(postgres, database, "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON "
                  "a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
                  "WHERE i.indrelid = 'public.sessions'::regclass AND i.indisprimary") == [("id",)]
-    before = table_rows(server, database)
+    before = table_rows(postgres, database)
     assert_table_matches_parquet(before, output)
 
-    assert_documented_query_works(server, database, before)
+    assert_documented_query_works(postgres, database, before)
 
-    again = load_pg(server, database, output)
+    again = load_pg(postgres, database, output)
     assert again.returncode == 0, again.stderr
     assert "nothing new" in again.stdout
-    assert table_rows(server, database) == before
+    assert table_rows(postgres, database) == before
 
     sessions = sorted(emulator_sessions(emu.url), key=lambda s: s["createdAt"])
     changed = sessions[-15:]
@@ -147,22 +138,23 @@ def test_first_load_reload_and_changes_keep_one_latest_row_per_session(
     # a stored row newer than anything the export holds must survive the next load
     pinned = changed[0]["id"]
     future = datetime(2100, 1, 1, tzinfo=UTC)
-    with psycopg.connect(server.conninfo(database)) as con:
+    with psycopg.connect(postgres.conninfo(database)) as con:
         con.execute("UPDATE sessions SET updated_at = %s WHERE id = %s", [future, pinned])
     assert run_cli("run", "--output", str(output), url=emu.url).returncode == 0
 
-    third = load_pg(server, database, output)
+    third = load_pg(postgres, database, output)
     assert third.returncode == 0, third.stderr
     assert "1 new runs" in third.stdout and "10 sessions inserted, 14 updated" in third.stdout
-    rows = table_rows(server, database)
+    rows = table_rows(postgres, database)
     assert rows[pinned]["updated_at"] == future and rows[pinned]["metadata"] == before[pinned][
         "metadata"]
     assert all(rows[s["id"]]["metadata"] == {"version": 2} for s in changed[1:])
     assert_table_matches_parquet(rows, output, but=pinned)
-    assert query(server, database, "SELECT count(*) FROM sessions_export_loads") == [(2,)]
+    assert query(postgres, database, "SELECT count(*) FROM sessions_export_loads") == [(2,)]
 
 
-def test_load_after_compact_with_a_dsn_schema_and_table(emulator, tmp_path, server, database):
+@pytest.mark.slow
+def test_load_after_compact_with_a_dsn_schema_and_table(emulator, tmp_path, postgres, database):
     emu = emulator(sessions=300, seed=52, days=5, list_trigger_config="include")
     output = tmp_path / "out"
     assert run_cli("run", "--output", str(output), "--lookback", "30d", url=emu.url).returncode == 0
@@ -170,49 +162,50 @@ def test_load_after_compact_with_a_dsn_schema_and_table(emulator, tmp_path, serv
         api(emu.url, "PATCH", f"/{session['id']}", {"metadata": {"compacted": "later"}})
     assert run_cli("run", "--output", str(output), "--lookback", "30d", url=emu.url).returncode == 0
     assert run_cli("compact", "--output", str(output)).returncode == 0  # deletes listed files
-    query_ok = psycopg.connect(server.conninfo(database), autocommit=True)
+    query_ok = psycopg.connect(postgres.conninfo(database), autocommit=True)
     query_ok.execute("CREATE SCHEMA analytics")
     query_ok.close()
 
-    dsn = f"postgresql://{USER}@127.0.0.1:{server.port}/{database}?connect_timeout=10"
+    dsn = f"postgresql://{postgres.user}@127.0.0.1:{postgres.port}/{database}?connect_timeout=10"
     # the password only in the environment; a table dropped after the first load is rebuilt
     for step in ("load", "rebuild"):
         if step == "rebuild":
-            with psycopg.connect(server.conninfo(database)) as con:
+            with psycopg.connect(postgres.conninfo(database)) as con:
                 con.execute("DROP TABLE analytics.sessions_prod")
         result = run_cli("load", "postgres", "--output", str(output), "--dsn", dsn,
                          "--schema", "analytics", "--table", "sessions_prod",
-                         env_extra={"PGPASSWORD": PASSWORD})
+                         env_extra={"PGPASSWORD": postgres.password})
         assert result.returncode == 0, result.stderr
         assert "2 new runs" in result.stdout
         assert "analytics.sessions_prod holds 300" in result.stdout
-        rows = table_rows(server, database, "analytics.sessions_prod")
+        rows = table_rows(postgres, database, "analytics.sessions_prod")
         assert_table_matches_parquet(rows, output)
-        assert query(server, database,
+        assert query(postgres, database,
                      "SELECT count(*) FROM analytics.sessions_prod_export_loads") == [(2,)]
-        assert query(server, database, "SELECT to_regclass('public.sessions'), "
+        assert query(postgres, database, "SELECT to_regclass('public.sessions'), "
                      "to_regclass('analytics.sessions_prod_export_stage')") == [(None, None)]
 
 
-def test_a_killed_load_leaves_the_table_as_it_was(emulator, tmp_path, server, database):
+@pytest.mark.slow
+def test_a_killed_load_leaves_the_table_as_it_was(emulator, tmp_path, postgres, database):
     emu = emulator(sessions=400, seed=53, days=6, list_trigger_config="include")
     output = tmp_path / "out"
     assert run_cli("run", "--output", str(output), url=emu.url).returncode == 0
-    assert load_pg(server, database, output).returncode == 0
-    before = table_rows(server, database)
+    assert load_pg(postgres, database, output).returncode == 0
+    before = table_rows(postgres, database)
     for session in sorted(emulator_sessions(emu.url), key=lambda s: s["createdAt"])[-20:]:
         api(emu.url, "PATCH", f"/{session['id']}", {"metadata": {"killed": True}})
     assert run_cli("run", "--output", str(output), url=emu.url).returncode == 0
 
     # hold a lock the merge needs: the load stages everything, then waits at the merge
-    blocker = psycopg.connect(server.conninfo(database))
+    blocker = psycopg.connect(postgres.conninfo(database))
     blocker.execute("LOCK TABLE sessions IN SHARE MODE")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIGGER_")}
-    env.update(server.env(database), TRIGGER_SECRET_KEY=KEY)
+    env.update(postgres.env(database), TRIGGER_SECRET_KEY=KEY)
     loader = subprocess.Popen([sys.executable, "-m", "pipeline", "load", "postgres", "--output",
                                str(output)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    watch = psycopg.connect(server.conninfo(database), autocommit=True)
+    watch = psycopg.connect(postgres.conninfo(database), autocommit=True)
     waiting = "SELECT query FROM pg_stat_activity WHERE application_name = 'sessions-export load'"
     for _ in range(600):
         rows = watch.execute(waiting + " AND wait_event_type = 'Lock'").fetchall()
@@ -230,31 +223,31 @@ def test_a_killed_load_leaves_the_table_as_it_was(emulator, tmp_path, server, da
             break
         time.sleep(0.1)
     watch.close()
-    assert table_rows(server, database) == before
-    assert query(server, database, "SELECT count(*) FROM sessions_export_loads") == [(1,)]
+    assert table_rows(postgres, database) == before
+    assert query(postgres, database, "SELECT count(*) FROM sessions_export_loads") == [(1,)]
     # the staged rows outlive the killed load in its unlogged scratch table…
-    assert query(server, database, "SELECT relpersistence::text FROM pg_class "
+    assert query(postgres, database, "SELECT relpersistence::text FROM pg_class "
                  "WHERE oid = to_regclass('sessions_export_stage')") == [("u",)]
 
-    resumed = load_pg(server, database, output)
+    resumed = load_pg(postgres, database, output)
     assert resumed.returncode == 0, resumed.stderr
     assert "1 new runs" in resumed.stdout and "20 updated" in resumed.stdout
-    assert_table_matches_parquet(table_rows(server, database), output)
+    assert_table_matches_parquet(table_rows(postgres, database), output)
     # …until the next load drops it
-    assert query(server, database, "SELECT to_regclass('sessions_export_stage')") == [(None,)]
+    assert query(postgres, database, "SELECT to_regclass('sessions_export_stage')") == [(None,)]
 
 
-def test_a_password_never_shows(tmp_path, server, database):
+def test_a_password_never_shows(tmp_path, postgres, database):
     wrong = "wrong-pw-9d1c4e"
-    result = load_pg(server, database, tmp_path / "out", password=wrong)
+    result = load_pg(postgres, database, tmp_path / "out", password=wrong)
     assert result.returncode in (2, 5), result
     text = result.stdout + result.stderr
     assert wrong not in text
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "password authentication failed" in result.stderr
 
-    for dsn in (f"postgresql://{USER}:{wrong}@127.0.0.1:{server.port}/{database}",
-                f"host=127.0.0.1 port={server.port} user={USER} password={wrong}",
+    for dsn in (f"postgresql://{postgres.user}:{wrong}@127.0.0.1:{postgres.port}/{database}",
+                f"host=127.0.0.1 port={postgres.port} user={postgres.user} password={wrong}",
                 f"host=127.0.0.1 password='{wrong}"):  # not even parseable
         result = run_cli("load", "postgres", "--output", str(tmp_path / "out"), "--dsn", dsn)
         assert result.returncode == 2, result
@@ -263,41 +256,41 @@ def test_a_password_never_shows(tmp_path, server, database):
         assert "dsn" in result.stderr
 
 
-def test_an_existing_table_with_other_columns_is_refused(tmp_path, server, database):
-    with psycopg.connect(server.conninfo(database)) as con:
+def test_an_existing_table_with_other_columns_is_refused(tmp_path, postgres, database):
+    with psycopg.connect(postgres.conninfo(database)) as con:
         con.execute("CREATE TABLE sessions (id text PRIMARY KEY, type integer, note text)")
-    result = load_pg(server, database, tmp_path / "out")
+    result = load_pg(postgres, database, tmp_path / "out")
     assert result.returncode == 2, result
     assert "lacks column task_identifier text" in result.stderr
     assert "has column note text" in result.stderr
     assert "column type is integer, expected text" in result.stderr
-    assert query(server, database, "SELECT to_regclass('sessions_export_loads')") == [(None,)]
+    assert query(postgres, database, "SELECT to_regclass('sessions_export_loads')") == [(None,)]
 
-    missing = load_pg(server, database, tmp_path / "out", "--schema", "nowhere")
+    missing = load_pg(postgres, database, tmp_path / "out", "--schema", "nowhere")
     assert missing.returncode == 2 and "schema nowhere does not exist" in missing.stderr
 
 
-def test_a_new_table_gets_its_key_even_with_nothing_to_load(tmp_path, server, database):
-    result = load_pg(server, database, tmp_path / "out")
+def test_a_new_table_gets_its_key_even_with_nothing_to_load(tmp_path, postgres, database):
+    result = load_pg(postgres, database, tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert "nothing new" in result.stdout
-    assert query(server, database, "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON "
+    assert query(postgres, database, "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON "
                  "a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
                  "WHERE i.indrelid = 'sessions'::regclass AND i.indisprimary") == [("id",)]
 
 
-def test_a_table_of_the_scratch_name_that_is_not_scratch_is_kept(tmp_path, server, database):
-    with psycopg.connect(server.conninfo(database)) as con:
+def test_a_table_of_the_scratch_name_that_is_not_scratch_is_kept(tmp_path, postgres, database):
+    with psycopg.connect(postgres.conninfo(database)) as con:
         con.execute("CREATE TABLE sessions_export_stage (note text)")
         con.execute("INSERT INTO sessions_export_stage VALUES ('keep me')")
-    result = load_pg(server, database, tmp_path / "out")
+    result = load_pg(postgres, database, tmp_path / "out")
     assert result.returncode == 2, result
     assert "sessions_export_stage exists and is not a scratch table" in result.stderr
-    assert query(server, database, "SELECT note FROM sessions_export_stage") == [("keep me",)]
+    assert query(postgres, database, "SELECT note FROM sessions_export_stage") == [("keep me",)]
 
 
-def test_copy_round_trips_awkward_values(server, database, monkeypatch):
-    for name, value in server.env(database).items():
+def test_copy_round_trips_awkward_values(postgres, database, monkeypatch):
+    for name, value in postgres.env(database).items():
         monkeypatch.setenv(name, value)
     at = datetime(2026, 3, 4, 5, 6, 7, 891000, tzinfo=UTC)
     awkward = ['a"b', "back\\slash", "comma,brace{}", "NULL", "", "new\nline", "ünï 🎉", None]
@@ -326,7 +319,7 @@ def test_copy_round_trips_awkward_values(server, database, monkeypatch):
     assert target.count() == 2
     target.commit()
     target.close()
-    stored = table_rows(server, database)
+    stored = table_rows(postgres, database)
     for row in rows:
         want = row | {"created_date": at.date()}
         for name in JSON_COLUMNS:
@@ -345,8 +338,8 @@ def session_row(sid: str, updated_at: datetime | None, extracted_at: datetime, n
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new table", "existing table"])
 def test_a_session_staged_from_several_partitions_keeps_only_its_newest_version(
-        server, database, monkeypatch, existing):
-    for name, value in server.env(database).items():
+        postgres, database, monkeypatch, existing):
+    for name, value in postgres.env(database).items():
         monkeypatch.setenv(name, value)
     at = datetime(2026, 3, 1, tzinfo=UTC)
     later, latest = at.replace(day=2), at.replace(day=3)
@@ -379,7 +372,7 @@ def test_a_session_staged_from_several_partitions_keeps_only_its_newest_version(
     target.count()
     target.commit()
     target.close()
-    stored = {sid: note for sid, note in query(server, database,
+    stored = {sid: note for sid, note in query(postgres, database,
                                                "SELECT id, type FROM sessions")}
     expected = dict.fromkeys("abcefg", "only") | dict.fromkeys("abce", "newest")
     if existing:
@@ -388,11 +381,11 @@ def test_a_session_staged_from_several_partitions_keeps_only_its_newest_version(
     else:
         assert (inserted, updated) == (6, 0)
     assert stored == expected
-    assert query(server, database, "SELECT count(*), count(DISTINCT id) FROM sessions") == [
+    assert query(postgres, database, "SELECT count(*), count(DISTINCT id) FROM sessions") == [
         (len(expected), len(expected))]
 
 
-def test_a_killed_first_load_leaves_no_table(emulator, tmp_path, server, database):
+def test_a_killed_first_load_leaves_no_table(emulator, tmp_path, postgres, database):
     emu = emulator(sessions=300, seed=54, days=5, list_trigger_config="include")
     output = tmp_path / "out"
     assert run_cli("run", "--output", str(output), url=emu.url).returncode == 0
@@ -408,11 +401,11 @@ def test_a_killed_first_load_leaves_no_table(emulator, tmp_path, server, databas
         "        sys.stdin.read()\n"
         f"load(Storage({str(output)!r}), Paused(None, 'public', 'sessions'))\n"
     )
-    env = {**os.environ, **server.env(database)}
+    env = {**os.environ, **postgres.env(database)}
     loader = subprocess.Popen([sys.executable, "-c", paused], env=env, cwd=ROOT, text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert loader.stdout.readline() == "applied\n"
-    watch = psycopg.connect(server.conninfo(database), autocommit=True)
+    watch = psycopg.connect(postgres.conninfo(database), autocommit=True)
     # inside its transaction the table exists, renamed from the scratch table, with its key
     loader.send_signal(signal.SIGKILL)
     loader.wait(timeout=30)
@@ -422,21 +415,21 @@ def test_a_killed_first_load_leaves_no_table(emulator, tmp_path, server, databas
             break
         time.sleep(0.1)
     watch.close()
-    assert query(server, database, "SELECT to_regclass('sessions'), "
+    assert query(postgres, database, "SELECT to_regclass('sessions'), "
                  "to_regclass('sessions_export_loads')") == [(None, None)]
     # the staged rows outlive the killed load in the scratch table, marked as such…
-    assert query(server, database, "SELECT count(*) FROM sessions_export_stage") == [(300,)]
+    assert query(postgres, database, "SELECT count(*) FROM sessions_export_stage") == [(300,)]
 
-    resumed = load_pg(server, database, output)
+    resumed = load_pg(postgres, database, output)
     assert resumed.returncode == 0, resumed.stderr
     assert "1 new runs" in resumed.stdout and "300 sessions inserted" in resumed.stdout
-    assert_table_matches_parquet(table_rows(server, database), output)
+    assert_table_matches_parquet(table_rows(postgres, database), output)
     # …until the next load drops it
-    assert query(server, database, "SELECT to_regclass('sessions_export_stage')") == [(None,)]
+    assert query(postgres, database, "SELECT to_regclass('sessions_export_stage')") == [(None,)]
 
 
-def test_a_failed_staging_copy_is_one_error_and_leaves_nothing(server, database, monkeypatch):
-    for name, value in server.env(database).items():
+def test_a_failed_staging_copy_is_one_error_and_leaves_nothing(postgres, database, monkeypatch):
+    for name, value in postgres.env(database).items():
         monkeypatch.setenv(name, value)
     at = datetime(2026, 3, 4, tzinfo=UTC)
     row = {f.name: None for f in SCHEMA} | {"created_at": at, "extracted_at": at, "run_id": "r"}
@@ -451,7 +444,7 @@ def test_a_failed_staging_copy_is_one_error_and_leaves_nothing(server, database,
         target.merge()
     assert "\n" not in str(error.value)
     target.close()
-    assert query(server, database, "SELECT to_regclass('sessions'), "
+    assert query(postgres, database, "SELECT to_regclass('sessions'), "
                  "to_regclass('sessions_export_stage')") == [(None, None)]
 
 

@@ -40,6 +40,7 @@ def metrics(path: Path) -> dict[tuple[str, str], float]:
     return samples
 
 
+@pytest.mark.slow
 def test_json_logs_parse_end_in_a_summary_and_never_hold_the_key(emulator, tmp_path):
     emu = emulator(sessions=400, seed=51, api_keys=(SECRET,), list_trigger_config="include")
     output = tmp_path / "out"
@@ -139,6 +140,7 @@ type = "chat.agent"
     return config
 
 
+@pytest.mark.slow
 def test_environments_run_one_or_all_with_their_own_keys(emulator, tmp_path):
     dev_key, prod_key = "tr_dev_DevKeyForTest0001", SECRET
     dev = emulator(sessions=120, seed=53, api_keys=(dev_key,), list_trigger_config="include")

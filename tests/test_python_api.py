@@ -14,10 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import ExportError, export, scan_sessions
-from tests import test_storage_s3
-from tests.conftest import KEY, ROOT, api, assert_row_matches, data_files, emulator_sessions
-
-s3 = test_storage_s3.s3  # the module's S3 server fixture, reused here
+from tests.conftest import (
+    KEY,
+    ROOT,
+    api,
+    assert_row_matches,
+    data_files,
+    emulator_sessions,
+    keys,
+    s3_cli,
+)
 
 
 def test_import_pipeline_stays_cheap():
@@ -117,9 +123,9 @@ def test_export_failures_raise_one_type_carrying_the_cli_exit_code(emulator, tmp
 def test_scan_sessions_reads_s3(emulator, s3):
     emu = emulator(sessions=300, seed=32, days=5)
     bucket = s3.new_bucket()
-    result = test_storage_s3.cli("run", "--output", f"s3://{bucket}/p", url=emu.url, aws=s3.env)
+    result = s3_cli("run", "--output", f"s3://{bucket}/p", url=emu.url, aws=s3.env)
     assert result.returncode == 0, result.stderr
-    day = test_storage_s3.keys(s3, bucket, "p/sessions/")[0].split("/")[2]
+    day = keys(s3, bucket, "p/sessions/")[0].split("/")[2]
     for hidden in (".part-x.parquet.tmp", "_temporary.parquet", ".part-y.parquet"):
         s3.client().put_object(Bucket=bucket, Key=f"p/sessions/{day}/{hidden}", Body=b"partial")
     every = scan_sessions(f"s3://{bucket}/p", latest=False).collect()

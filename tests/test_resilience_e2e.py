@@ -54,6 +54,7 @@ def test_faults_are_retried_and_the_data_is_exact(emulator, output):
     assert read_dataset(output).num_rows == 3000
 
 
+@pytest.mark.slow
 def test_stalled_responses_time_out_and_are_retried(emulator, output):
     emu = emulator(sessions=400, fault_seed=2, fault_stall=0.2, stall_seconds=5)
     result = run_cli("run", "--output", str(output), "--read-timeout", "0.5", *FAST_RETRY,
@@ -62,6 +63,7 @@ def test_stalled_responses_time_out_and_are_retried(emulator, output):
     assert_dataset_equals(output, emulator_sessions(emu.url))
 
 
+@pytest.mark.slow
 def test_rate_limit_is_paced_with_few_429s(emulator, output):
     # 20-token bucket refilled 10 every 0.2 s (50 requests/s): 120 pages must wait for refills
     emu = emulator(sessions=12_000, rate_limit=True, rate_limit_burst=20, rate_limit_refill=10,
@@ -121,6 +123,7 @@ def test_bad_request_fails_at_once_with_the_server_detail(emulator):
         assert client.stats.requests == 1
 
 
+@pytest.mark.slow
 def test_kill_9_five_times_then_a_clean_run_is_exact(emulator, output):
     emu = emulator(sessions=6000, seed=51, latency_ms=8, list_trigger_config="include")
     chance = random.Random(2026)
@@ -172,6 +175,7 @@ def _file_size_limit():
     resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
 
+@pytest.mark.slow
 def test_disk_error_mid_run_exits_5_without_advancing_the_checkpoint(emulator, output):
     emu = emulator(sessions=3000, seed=61, list_trigger_config="include")
     first = run_cli("run", "--output", str(output), "--flush-rows", "500", url=emu.url)

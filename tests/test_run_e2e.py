@@ -9,6 +9,7 @@ import time
 
 import duckdb
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.dataset.schema import SCHEMA
 from tests.conftest import (
@@ -101,6 +102,7 @@ def test_manifest_and_checkpoint_after_a_run(emulator, output):
     assert manifest["high_water"] == newest
 
 
+@pytest.mark.slow
 def test_second_run_with_nothing_new_is_cheap(emulator, output):
     emu = emulator(sessions=3000, seed=4)
     assert run_cli("run", "--output", str(output), url=emu.url).returncode == 0
@@ -136,6 +138,7 @@ def test_new_sessions_are_picked_up_by_the_next_run(emulator, output):
     assert_dataset_equals(output, emulator_sessions(emu.url))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_from_its_checkpoint(emulator, output):
     emu = emulator(sessions=3000, seed=9, latency_ms=15)
     process = spawn_cli("run", "--output", str(output), "--flush-rows", "300", url=emu.url)
@@ -191,6 +194,7 @@ def test_second_concurrent_run_exits_75(emulator, output):
     assert run_cli("run", "--output", str(output), url=emu.url).returncode == 0
 
 
+@pytest.mark.slow
 def test_lock_of_a_killed_run_does_not_block(emulator, output):
     emu = emulator(sessions=2000, latency_ms=20)
     process = spawn_cli("run", "--output", str(output), "--flush-rows", "100", url=emu.url)
@@ -203,6 +207,7 @@ def test_lock_of_a_killed_run_does_not_block(emulator, output):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_compact_keeps_the_latest_version_of_each_session(emulator, output):
     emu = emulator(sessions=500, seed=21, list_trigger_config="include")
     assert run_cli("run", "--output", str(output), "--lookback", "60d", url=emu.url).returncode == 0
@@ -256,6 +261,7 @@ def test_missing_or_rejected_key_exits_3_without_traceback(emulator, output):
 QUERYING_DOC = ROOT / "docs" / "querying.md"  # its DuckDB recipe is run below
 
 
+@pytest.mark.slow
 def test_documented_duckdb_query_returns_the_latest_version_of_each_session(emulator, output):
     page = QUERYING_DOC.read_text()
     section = page[page.index("### DuckDB"):]

@@ -9,6 +9,7 @@ import json
 from collections import Counter
 
 import duckdb
+import pytest
 
 from pipeline.dataset.stats import render
 from tests.conftest import api, emulator_sessions, run_cli
@@ -43,6 +44,7 @@ def expected(out) -> dict[str, dict]:
     return days
 
 
+@pytest.mark.slow
 def test_stats_match_the_dataset_in_every_format(emulator, output):
     emu = emulator(sessions=1500, seed=41, days=8)
     assert run_cli("run", "--output", str(output), url=emu.url).returncode == 0

@@ -143,6 +143,7 @@ def test_a_held_gcs_lease_blocks_a_second_run(emulator, gcs):
     assert free.returncode == 0, free.stderr
 
 
+@pytest.mark.slow
 def test_generation_preconditions_make_the_lease(gcs, caplog):
     bucket = gcs.new_bucket()
     target = gcs.target(bucket, "state/lock")

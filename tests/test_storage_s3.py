@@ -1,5 +1,5 @@
 """Object storage end to end: the real CLI writing to a real S3-compatible server (moto's
-standalone server, started here on 127.0.0.1), read back with pyarrow and DuckDB."""
+standalone server on 127.0.0.1, conftest's `s3` fixture), read back with pyarrow and DuckDB."""
 
 from __future__ import annotations
 
@@ -8,16 +8,10 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 
-import boto3
 import duckdb
-import httpx
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 import pytest
 
 from pipeline.dataset.schema import SCHEMA
@@ -26,12 +20,14 @@ from pipeline.store.lock import LeaseTarget, S3Lease, lease_lock
 from tests.conftest import (
     KEY,
     ROOT,
+    S3Server,
     api,
     assert_row_matches,
     emulator_sessions,
     free_port,
+    keys,
     latest_rows,
-    start_server,
+    s3_cli,
 )
 
 DEDUPE = """
@@ -43,72 +39,6 @@ WHERE rn = 1
 """
 
 
-_free_port = free_port
-
-
-@dataclass(frozen=True)
-class S3Server:
-    endpoint: str
-    env: dict[str, str]
-
-    def client(self):  # noqa: ANN201
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
-
-    def filesystem(self) -> pafs.S3FileSystem:
-        return pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1",
-                                 endpoint_override=self.endpoint)
-
-    def new_bucket(self) -> str:
-        name = f"export-{uuid.uuid4().hex[:10]}"
-        self.client().create_bucket(Bucket=name)
-        return name
-
-
-def _aws_env(endpoint: str) -> dict[str, str]:
-    """Credentials and endpoint the standard way; no config files, no instance metadata."""
-    return {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    }
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    process = start_server(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        lambda: httpx.get(f"{endpoint}/moto-api/", timeout=1), "moto server",
-    )
-    saved = {k: os.environ.get(k) for k in _aws_env(endpoint)}
-    os.environ.update(_aws_env(endpoint))  # for the in-process lease tests
-    try:
-        yield S3Server(endpoint, _aws_env(endpoint))
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def cli(*args: str, url: str | None, aws: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIGGER_", "AWS_"))}
-    env.update(aws, TRIGGER_SECRET_KEY=KEY)
-    if url:
-        env["TRIGGER_API_URL"] = url
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, text=True,
-                          capture_output=True, timeout=120, cwd=ROOT)
-
-
 def read_s3_dataset(s3: S3Server, prefix: str) -> ds.Dataset:
     partitioning = ds.partitioning(pa.schema([("created_date", pa.string())]), flavor="hive")
     return ds.dataset(f"{prefix}/sessions", filesystem=s3.filesystem(), format="parquet",
@@ -116,17 +46,13 @@ def read_s3_dataset(s3: S3Server, prefix: str) -> ds.Dataset:
                           pa.field("created_date", pa.string())))
 
 
-def keys(s3: S3Server, bucket: str, prefix: str) -> list[str]:
-    listing = s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
-    return sorted(o["Key"] for o in listing.get("Contents", []))
-
-
+@pytest.mark.slow
 def test_full_and_incremental_export_to_s3_read_back_with_pyarrow_and_duckdb(emulator, s3,
                                                                              tmp_path):
     emu = emulator(sessions=1200, seed=31, days=12, list_trigger_config="include")
     bucket = s3.new_bucket()
     output = f"s3://{bucket}/exports/sessions-v1"
-    first = cli("run", "--output", output, "--flush-rows", "500", url=emu.url, aws=s3.env)
+    first = s3_cli("run", "--output", output, "--flush-rows", "500", url=emu.url, aws=s3.env)
     assert first.returncode == 0, first.stderr
     assert "1200 sessions" in first.stdout
 
@@ -151,7 +77,7 @@ def test_full_and_incremental_export_to_s3_read_back_with_pyarrow_and_duckdb(emu
     newest = sorted(sessions, key=lambda s: s["createdAt"])[-5:]
     for session in newest:
         api(emu.url, "PATCH", f"/{session['id']}", {"metadata": {"v": 2}})
-    second = cli("run", "--output", output, url=emu.url, aws=s3.env)
+    second = s3_cli("run", "--output", output, url=emu.url, aws=s3.env)
     assert second.returncode == 0, second.stderr
     assert len([n for n in keys(s3, bucket, "exports/sessions-v1/_runs/")]) == 2
 
@@ -173,33 +99,34 @@ def test_full_and_incremental_export_to_s3_read_back_with_pyarrow_and_duckdb(emu
     assert (rows, ids, changed) == (1220, 1220, 5)
 
     database = tmp_path / "warehouse.duckdb"
-    loaded = cli("load", "duckdb", "--output", output, "--database", str(database), url=None,
+    loaded = s3_cli("load", "duckdb", "--output", output, "--database", str(database), url=None,
                  aws=s3.env)
     assert loaded.returncode == 0, loaded.stderr
     assert "2 new runs" in loaded.stdout and "holds 1220 sessions" in loaded.stdout
 
 
+@pytest.mark.slow
 def test_verify_and_compact_work_on_s3(emulator, s3):
     emu = emulator(sessions=400, seed=32, days=6, list_trigger_config="include")
     bucket = s3.new_bucket()
     output = f"s3://{bucket}/out"
-    assert cli("run", "--output", output, "--lookback", "30d", url=emu.url,
+    assert s3_cli("run", "--output", output, "--lookback", "30d", url=emu.url,
                aws=s3.env).returncode == 0
     for session in emulator_sessions(emu.url)[:25]:
         api(emu.url, "PATCH", f"/{session['id']}", {"metadata": {"changed": True}})
-    assert cli("run", "--output", output, "--lookback", "30d", url=emu.url,
+    assert s3_cli("run", "--output", output, "--lookback", "30d", url=emu.url,
                aws=s3.env).returncode == 0
     assert read_s3_dataset(s3, f"{bucket}/out").count_rows() == 425
 
-    verify = cli("verify", "--output", output, url=None, aws=s3.env)
+    verify = s3_cli("verify", "--output", output, url=None, aws=s3.env)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "425 rows, 400 sessions: OK" in verify.stdout
-    assert cli("verify", "--strict", "--output", output, url=None, aws=s3.env).returncode == 6
+    assert s3_cli("verify", "--strict", "--output", output, url=None, aws=s3.env).returncode == 6
 
-    compact = cli("compact", "--output", output, url=None, aws=s3.env)
+    compact = s3_cli("compact", "--output", output, url=None, aws=s3.env)
     assert compact.returncode == 0, compact.stderr
     assert read_s3_dataset(s3, f"{bucket}/out").count_rows() == 400
-    strict = cli("verify", "--strict", "--output", output, url=None, aws=s3.env)
+    strict = s3_cli("verify", "--strict", "--output", output, url=None, aws=s3.env)
     assert strict.returncode == 0, strict.stdout
     latest = latest_rows(read_s3_dataset(s3, f"{bucket}/out").to_table())
     for session in emulator_sessions(emu.url):
@@ -213,24 +140,27 @@ def _spawn(*args: str, url: str, aws: dict[str, str]) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
 
 
-def test_second_run_exits_75_while_the_first_holds_the_s3_lease(emulator, s3):
-    emu = emulator(sessions=1500, latency_ms=25, list_trigger_config="include")
+def test_second_run_exits_75_while_the_first_holds_the_s3_lease(emulator, gate, s3):
+    emu = emulator(sessions=1500, list_trigger_config="include")
+    held = gate(emu.url, 3)  # the first run stops at its fourth request, holding the lease
     bucket = s3.new_bucket()
     output = f"s3://{bucket}/out"
-    first = _spawn("run", "--output", output, "--flush-rows", "200", url=emu.url, aws=s3.env)
+    first = _spawn("run", "--output", output, "--flush-rows", "200", url=held.url, aws=s3.env)
     deadline = time.monotonic() + 30
-    while "out/_state/lock" not in keys(s3, bucket, "out/_state/"):
+    while "out/_state/lock" not in keys(s3, bucket, "out/_state/") or not held.waiting:
         assert time.monotonic() < deadline and first.poll() is None, "first run never locked"
         time.sleep(0.05)
-    second = cli("run", "--output", output, url=emu.url, aws=s3.env)
+    second = s3_cli("run", "--output", output, url=emu.url, aws=s3.env)
     assert second.returncode == 75, second.stderr
     assert "another export holds the lock" in second.stderr and "pid=" in second.stderr
     assert "Traceback" not in second.stderr
+    held.open()
     out, err = first.communicate(timeout=60)
     assert first.returncode == 0, err
     assert "out/_state/lock" not in keys(s3, bucket, "out/_state/")
 
 
+@pytest.mark.slow
 def test_an_expired_lease_is_taken_over_and_a_live_one_is_not(emulator, s3):
     emu = emulator(sessions=50, list_trigger_config="include")
     bucket = s3.new_bucket()
@@ -238,13 +168,13 @@ def test_an_expired_lease_is_taken_over_and_a_live_one_is_not(emulator, s3):
     stale = {"holder": "pid=4242 host=gone", "token": "x", "seconds": 1, "renewed": "then"}
     s3.client().put_object(Bucket=bucket, Key="out/_state/lock", Body=json.dumps(stale))
     time.sleep(2.2)  # the store's clock counts in whole seconds
-    result = cli("run", "--output", output, "--log-format", "json", url=emu.url, aws=s3.env)
+    result = s3_cli("run", "--output", output, "--log-format", "json", url=emu.url, aws=s3.env)
     assert result.returncode == 0, result.stderr
     assert "took over the lock" in result.stderr and "pid=4242 host=gone" in result.stderr
 
     live = {**stale, "seconds": 600}
     s3.client().put_object(Bucket=bucket, Key="out/_state/lock", Body=json.dumps(live))
-    blocked = cli("run", "--output", output, url=emu.url, aws=s3.env)
+    blocked = s3_cli("run", "--output", output, url=emu.url, aws=s3.env)
     assert blocked.returncode == 75 and "lapses in" in blocked.stderr
 
 
@@ -252,6 +182,7 @@ def _target(bucket: str, s3: S3Server) -> LeaseTarget:
     return LeaseTarget(bucket, "state/lock", "us-east-1", s3.endpoint, f"s3://{bucket}/state/lock")
 
 
+@pytest.mark.slow
 def test_the_heartbeat_keeps_a_lease_alive_past_its_duration(s3):
     bucket = s3.new_bucket()
     target = _target(bucket, s3)
@@ -274,20 +205,21 @@ def test_a_lease_taken_over_behind_our_back_fails_the_run(s3):
     assert keys(s3, bucket, "state/") == ["state/lock"]  # the new holder's lease stays
 
 
+@pytest.mark.slow
 def test_storage_failures_are_one_line_exit_5(emulator, s3):
     emu = emulator(sessions=20, list_trigger_config="include")
-    missing = cli("run", "--output", "s3://no-such-bucket-here/out", url=emu.url, aws=s3.env)
+    missing = s3_cli("run", "--output", "s3://no-such-bucket-here/out", url=emu.url, aws=s3.env)
     assert missing.returncode == 5
     assert "bucket does not exist" in missing.stderr and "Traceback" not in missing.stderr
-    listing = cli("verify", "--output", "s3://no-such-bucket-here/out", url=None, aws=s3.env)
+    listing = s3_cli("verify", "--output", "s3://no-such-bucket-here/out", url=None, aws=s3.env)
     assert listing.returncode == 5 and "does not exist" in listing.stderr
 
-    closed = {**s3.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}"}
-    unreachable = cli("run", "--output", "s3://bucket/out", url=emu.url, aws=closed)
+    closed = {**s3.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    unreachable = s3_cli("run", "--output", "s3://bucket/out", url=emu.url, aws=closed)
     assert unreachable.returncode == 5, unreachable.stderr
     assert "cannot reach the storage endpoint" in unreachable.stderr
     assert "Traceback" not in unreachable.stderr
-    state = cli("state", "show", "--output", "s3://bucket/out", url=None, aws=closed)
+    state = s3_cli("state", "show", "--output", "s3://bucket/out", url=None, aws=closed)
     assert state.returncode == 5 and "cannot reach" in state.stderr
 
     # a bucket policy that denies writes: to the data (pyarrow), then to the lock (boto3)
@@ -297,7 +229,7 @@ def test_storage_failures_are_one_line_exit_5(emulator, s3):
             "Version": "2012-10-17",
             "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
                            "Resource": f"arn:aws:s3:::{bucket}/{denied_prefix}*"}]}))
-        denied = cli("run", "--output", f"s3://{bucket}/out", url=emu.url, aws=s3.env)
+        denied = s3_cli("run", "--output", f"s3://{bucket}/out", url=emu.url, aws=s3.env)
         assert denied.returncode == 5, denied.stderr
         assert failing in denied.stderr and "access denied" in denied.stderr, denied.stderr
         assert "Traceback" not in denied.stderr

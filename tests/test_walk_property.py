@@ -120,6 +120,7 @@ def _kill_after_flushes(process, state_file: Path, more: int, chance: random.Ran
     process.wait()
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_is_exact(emulator, output):
     emu = emulator(sessions=5000, seed=77, days=5000 * 13 / 86_400_000, id_skew_ms=25,
                    same_ms_burst=260, latency_ms=3, list_trigger_config="include")

@@ -20,8 +20,9 @@ import ssl
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -185,6 +186,9 @@ def tls_verification(ca_bundle: str | None) -> ssl.SSLContext | bool:
         ) from None
 
 
+_T = TypeVar("_T")  # what a request's `parse` makes of the body
+
+
 class TriggerClient:
     """Synchronous client; thread-safe, so several walkers may share one."""
 
@@ -247,7 +251,39 @@ class TriggerClient:
 
     # -- the request loop ----------------------------------------------------------------
 
-    def _send(self, method, path, params, *, parse, missing_ok=False):  # noqa: ANN001, ANN202
+    @overload
+    def _send(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None,
+        *,
+        parse: Callable[[bytes], _T],
+        missing_ok: Literal[False] = False,
+    ) -> tuple[_T, int]: ...
+
+    @overload
+    def _send(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None,
+        *,
+        parse: Callable[[bytes], _T],
+        missing_ok: Literal[True],
+    ) -> tuple[_T | None, int]: ...
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None,
+        *,
+        parse: Callable[[bytes], _T],
+        missing_ok: bool = False,
+    ) -> tuple[_T | None, int]:
+        """The parsed body (None for a 404 when `missing_ok`) and when it arrived, in epoch
+        ms; transient failures are retried."""
         retrying = Retrying(
             stop=stop_after_attempt(self.settings.max_attempts),
             wait=wait_random_exponential(
@@ -277,7 +313,14 @@ class TriggerClient:
             sleep,
         )
 
-    def _attempt(self, method, path, params, parse, missing_ok):  # noqa: ANN001, ANN202
+    def _attempt(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None,
+        parse: Callable[[bytes], _T],
+        missing_ok: bool,
+    ) -> tuple[_T | None, int]:
         """One attempt, including any number of 429 waits (they are not faults)."""
         waited = 0.0
         while True:
@@ -312,7 +355,13 @@ class TriggerClient:
                 continue
             return self._interpret(response, status, parse, missing_ok), received_ms
 
-    def _interpret(self, response: httpx.Response, status: int, parse, missing_ok):  # noqa: ANN001, ANN202
+    def _interpret(
+        self,
+        response: httpx.Response,
+        status: int,
+        parse: Callable[[bytes], _T],
+        missing_ok: bool,
+    ) -> _T | None:
         should_retry = response.headers.get("x-should-retry")
         if 200 <= status < 300:
             try:

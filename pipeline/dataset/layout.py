@@ -6,7 +6,7 @@ sessions/created_date=YYYY-MM-DD/part-c<compact>-<seq>.parquet written by `compa
 ```
 
 A path part starting with `.` or `_` is hidden (Spark, Hive, DuckDB skip it). Readers go
-through here: one file whole, or its row groups in batches (bounded memory); the
+through here: a file's footer, or its row groups in batches (bounded memory); the
 partition-pruned polars view of the whole dataset is `scan.scan_sessions`.
 """
 
@@ -52,10 +52,6 @@ def compacted_file_path(day: str, compact_id: str, seq: int) -> str:
     return f"{partition_dir(day)}/{COMPACT_PREFIX}{compact_id}-{seq:05d}.parquet"
 
 
-def is_compacted(path: str) -> bool:
-    return path.rsplit("/", 1)[-1].startswith(COMPACT_PREFIX)
-
-
 def written_by(path: str, run_id: str) -> bool:
     return f"-{run_id}-" in path.rsplit("/", 1)[-1]
 
@@ -95,10 +91,6 @@ def files_by_partition(storage: Storage) -> dict[str, list[DataFile]]:
     for data_file in classify_files(storage)[0]:
         grouped.setdefault(data_file.partition, []).append(data_file)
     return grouped
-
-
-def read_file(storage: Storage, path: str, columns: list[str] | None = None) -> pa.Table:
-    return storage.read_table(path, columns)
 
 
 def read_footer(storage: Storage, path: str) -> pq.FileMetaData:
