@@ -80,6 +80,8 @@ def with_options(
     """Add `--config`, `--environment` and the named settings as flags; pass the merged
     `Settings` on. With `each_environment`, `--all-environments` runs every environment."""
 
+    names = (*names, "parallel") if each_environment else names
+
     def decorate(command: Callable) -> Callable:
         @functools.wraps(command)
         def wrapper(
@@ -95,12 +97,12 @@ def with_options(
 
             if not all_environments:
                 return invoke(environment)
-            from pipeline.config import environment_names
-            from pipeline.ops.environments import run_each
+            from pipeline.ops.environments import run_all_environments
 
             if environment:
                 raise click.UsageError("give --environment NAME or --all-environments, not both")
-            sys.exit(run_each(environment_names(config), invoke))
+            context = click.get_current_context()
+            sys.exit(run_all_environments(context, config, flags, filter_flags))
 
         for name in reversed(names):
             wrapper = option_flag(OPTION_BY_NAME[name])(wrapper)
@@ -113,8 +115,8 @@ def with_options(
             wrapper = click.option(
                 "--all-environments",
                 is_flag=True,
-                help="run every [environments.NAME] of the config file in turn; exit with "
-                "the worst outcome",
+                help="run every [environments.NAME] of the config file, --parallel at a "
+                "time; exit with the worst outcome",
             )(wrapper)
         wrapper = click.option(
             "--environment",
@@ -289,6 +291,7 @@ def run_export(
     "enrich_trigger_config",
     "enrich_concurrency",
     filters=True,
+    each_environment=True,
 )
 @click.option("--restart", is_flag=True, help="export the range again although it completed")
 def backfill(settings: Settings, restart: bool) -> None:
@@ -352,7 +355,7 @@ def _touched_partitions(settings: Settings, run_id: str) -> list[str]:
 
 
 @cli.command()
-@with_options(*_COMMON)
+@with_options(*_COMMON, each_environment=True)
 def compact(settings: Settings) -> None:
     """Rewrite partitions so that each holds one row per session id, the latest version."""
     _compact(settings, only=None)
@@ -375,7 +378,7 @@ def _compact(
 
 
 @cli.command()
-@with_options(*_COMMON)
+@with_options(*_COMMON, each_environment=True)
 @click.option("--strict", is_flag=True, help="also fail when a session has several versions")
 def verify(settings: Settings, strict: bool) -> None:
     """Read the dataset back: schema, partition keys, duplicates, unreadable or stray files."""
@@ -417,7 +420,7 @@ def load() -> None:
 
 
 @load.command("duckdb")
-@with_options(*_COMMON, "database")
+@with_options(*_COMMON, "database", each_environment=True)
 def load_duckdb(settings: Settings) -> None:
     """Upsert the latest version of every session into the `sessions` table of a DuckDB
     file. Runs already loaded are skipped (see sessions_export_loads), so loading twice
@@ -432,7 +435,7 @@ def load_duckdb(settings: Settings) -> None:
 
 
 @load.command("postgres")
-@with_options(*_COMMON, "dsn", "schema", "table")
+@with_options(*_COMMON, "dsn", "schema", "table", each_environment=True)
 def load_postgres(settings: Settings) -> None:
     """Upsert the latest version of every session into a PostgreSQL table (created if
     missing; id is its primary key). The connection comes from PGHOST, PGPORT, PGDATABASE,

@@ -114,6 +114,11 @@ class Settings:
         False, "allow plain http:// to a non-loopback API host (never through a proxy)"
     )
     concurrency: int = option(8, "backfill: windows walked at once")
+    # each environment has its own rate-limit bucket, so 4 walks wait on the API side by
+    # side; 4 child processes of ~110 MB each stay within a small machine's cores and memory
+    parallel: int = option(
+        4, "--all-environments: environments run at once, each in its own process"
+    )
     since: str | None = option(
         None, "backfill, stats: oldest createdAt (ISO date/datetime, or 90d back)"
     )
@@ -398,7 +403,14 @@ def _suggest(name: str, choices: Any) -> str:
 
 
 def _check_values(values: dict[str, Any]) -> None:
-    positive = ("flush_rows", "flush_bytes", "max_attempts", "concurrency", "enrich_concurrency")
+    positive = (
+        "flush_rows",
+        "flush_bytes",
+        "max_attempts",
+        "concurrency",
+        "enrich_concurrency",
+        "parallel",
+    )
     for name in positive:
         if values[name] < 1:
             raise UsageError(f"{name} must be at least 1, got {values[name]}")
