@@ -127,6 +127,20 @@ def test_a_held_lock_stops_only_its_own_environment(emulator, tmp_path):
     assert compact.returncode == 0, compact.stderr
     assert [row[3] for row in table_rows(compact.stdout).values()] == ["0", "0"]
 
+    # loads into one warehouse file take turns (DuckDB lets one process write a file)
+    again = run_cli("run", "--config", str(config), "--all-environments", key=None,
+                    env_extra=KEYS)
+    assert again.returncode == 0, again.stderr
+    database = tmp_path / "warehouse.duckdb"
+    loaded = run_cli("load", "duckdb", "--config", str(config), "--all-environments",
+                     "--database", str(database), key=None)
+    assert loaded.returncode == 0, loaded.stderr
+    assert [row[3] for row in table_rows(loaded.stdout).values()] == ["0", "0"]
+    import duckdb
+
+    with duckdb.connect(str(database), read_only=True) as connection:
+        assert connection.execute("select count(*) from sessions").fetchall() == [(150,)]
+
 
 def test_two_environments_in_one_place_are_refused_before_anything_runs(emulator, tmp_path):
     emu = emulator(sessions=20)

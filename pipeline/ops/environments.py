@@ -26,6 +26,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -125,6 +126,7 @@ def run_all_environments(
                 {n: [*base, "--environment", n, "--log-format", "json"] for n in runnable},
                 shared.parallel,
                 board,
+                {n: load_target(command_path(ctx), s) for n, s in runnable.items()},
             )
         )
     finally:
@@ -177,17 +179,34 @@ def forwarded_flags(ctx: click.Context) -> list[str]:
     return args
 
 
+def load_target(words: list[str], settings: Settings) -> str | None:
+    """The warehouse table a `load` writes, for environments that share one: DuckDB lets
+    one process write a file, and two upserts into one table would wait on each other."""
+    if words == ["load", "duckdb"] and settings.database:
+        return f"duckdb {location(settings.database)}"
+    if words == ["load", "postgres"]:
+        return f"postgres {settings.dsn or '(PG* variables)'} {settings.schema}.{settings.table}"
+    return None
+
+
 def run_children(
-    commands: Mapping[str, list[str]], parallel: int, board: Board
+    commands: Mapping[str, list[str]],
+    parallel: int,
+    board: Board,
+    targets: Mapping[str, str | None] | None = None,
 ) -> dict[str, EnvironmentResult]:
-    """Run `python -m pipeline <args>` per environment, `parallel` at a time."""
+    """Run `python -m pipeline <args>` per environment, `parallel` at a time; those with
+    the same target (`load_target`) one after another."""
     stopping = threading.Event()
     live: dict[str, subprocess.Popen[str]] = {}
+    turns = {t: threading.Lock() for t in (targets or {}).values() if t is not None}
 
     def one(name: str) -> EnvironmentResult:
-        if stopping.is_set():
-            return EnvironmentResult(name, ExitCode.INTERRUPTED, 0.0)
-        return _run_child(name, commands[name], board, live)
+        target = (targets or {}).get(name)
+        with turns[target] if target is not None else contextlib.nullcontext():
+            if stopping.is_set():
+                return EnvironmentResult(name, ExitCode.INTERRUPTED, 0.0)
+            return _run_child(name, commands[name], board, live)
 
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         futures = {name: pool.submit(one, name) for name in commands}
@@ -260,19 +279,20 @@ class Board:
         self.as_json = as_json
         self._lock = threading.Lock()
         self._bars: dict[str, Any] = {}
+        self._labels: dict[str, str] = {}
         if interactive and names:
             from tqdm import tqdm
 
             width = max(len(n) for n in names) + 2
             for position, name in enumerate(names):
+                self._labels[name] = f"[{name}]".ljust(width)
                 self._bars[name] = tqdm(
-                    desc=f"[{name}]".ljust(width),
-                    bar_format="{desc} {postfix}",
+                    desc=f"{self._labels[name]} waiting",
+                    bar_format="{desc}",
                     position=position,
                     file=sys.stderr,
                     leave=False,
                 )
-                self._bars[name].set_postfix_str("waiting")
 
     def write(self, text: str, err: bool) -> None:
         with self._lock:
@@ -287,7 +307,7 @@ class Board:
         bar = self._bars.get(name)
         if bar is not None:
             with self._lock:
-                bar.set_postfix_str(text)
+                bar.set_description_str(f"{self._labels[name]} {text}")
 
     def stderr_line(self, name: str, line: str) -> dict[str, Any] | None:
         """Show one line of a child's stderr; its JSON record, if it is one."""
