@@ -21,7 +21,14 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import emulator, exported_ids, measure, only_manifest, write_results
+from bench.common import (
+    emulator,
+    exported_ids,
+    measure,
+    only_manifest,
+    rate_limit_flags,
+    write_results,
+)
 
 SESSIONS = 50_000
 BURST, REFILL, INTERVAL_S = 30, 10, 1.0
@@ -34,12 +41,7 @@ FLAGS = (
     "5",
     "--list-trigger-config",
     "include",
-    "--rate-limit-burst",
-    str(BURST),
-    "--rate-limit-refill",
-    str(REFILL),
-    "--rate-limit-interval",
-    str(INTERVAL_S),
+    *rate_limit_flags(BURST, REFILL, INTERVAL_S),
 )
 
 
@@ -104,9 +106,7 @@ def main() -> None:
                 "cpu_seconds": round(together.cpu_seconds, 2),
                 "slowest_alone_seconds": slowest,
                 "ratio_to_slowest_alone": round(together.seconds / slowest, 3),
-                "sum_alone_seconds": round(
-                    sum(float(str(row["wall_seconds"])) for row in rows), 2
-                ),
+                "sum_alone_seconds": round(sum(float(str(row["wall_seconds"])) for row in rows), 2),
             }
         )
         outputs += [where / "together" / n for n in NAMES]
