@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 from pathlib import Path
 
 from tests.conftest import (
+    KEY,
+    ROOT,
     assert_dataset_equals,
     data_files,
     emulator_sessions,
@@ -94,6 +102,7 @@ def test_environments_side_by_side_each_exact_one_rejected(emulator, tmp_path):
                    and not line.startswith("{")]
     assert rejected.startswith("sessions-export: error: [bad] ")
     assert not any(key in result.stdout + result.stderr for key in KEYS.values())
+    assert "\r" not in result.stderr and "\x1b[" not in result.stderr  # no bars off a terminal
 
 
 def test_a_held_lock_stops_only_its_own_environment(emulator, tmp_path):
@@ -126,6 +135,11 @@ def test_a_held_lock_stops_only_its_own_environment(emulator, tmp_path):
                       "1", key=None)
     assert compact.returncode == 0, compact.stderr
     assert [row[3] for row in table_rows(compact.stdout).values()] == ["0", "0"]
+
+    backfill = run_cli("backfill", "--config", str(config), "--all-environments", "--since",
+                       "40d", "--concurrency", "2", key=None, env_extra=KEYS)
+    assert backfill.returncode == 0, backfill.stderr
+    assert [row[0] for row in table_rows(backfill.stdout).values()] == ["150", "150"]
 
     # loads into one warehouse file take turns (DuckDB lets one process write a file)
     again = run_cli("run", "--config", str(config), "--all-environments", key=None,
@@ -164,3 +178,39 @@ def test_two_environments_in_one_place_are_refused_before_anything_runs(emulator
     assert "the same state" in refused.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert emulator_stats(emu.url)["requests"] == 0
+
+
+def test_on_a_terminal_one_status_line_per_environment(emulator, tmp_path):
+    emu = emulator(sessions=60, seed=73)
+    config = write_config(tmp_path, emu.url, {
+        "alpha": {"output": str(tmp_path / "alpha")},
+        "beta": {"output": str(tmp_path / "beta")},
+    })
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIGGER_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "--config", str(config), "--all-environments"],
+        env={**env, "TRIGGER_SECRET_KEY": KEY}, stdout=subprocess.PIPE, stderr=secondary,
+        text=True, cwd=ROOT)
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closed: every writer is gone
+            break
+        if not chunk:
+            break
+        shown += chunk
+    stdout, _ = process.communicate(timeout=120)
+    os.close(primary)
+    assert process.returncode == 0, shown
+    screen = shown.decode()
+    # a status line per environment, redrawn in place; log lines whole, each tagged
+    assert "[alpha] waiting" in screen or "[alpha] running" in screen
+    assert "[beta]" in screen and "exit 0 after" in screen
+    logged = [line for line in screen.replace("\r", "\n").splitlines() if " INFO " in line]
+    assert any("[alpha] starting run" in line for line in logged)
+    assert any("[beta] starting run" in line for line in logged)
+    assert list(table_rows(stdout)) == ["alpha", "beta"]
