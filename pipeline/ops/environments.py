@@ -15,8 +15,8 @@ not in a thread. What a process keeps for itself and a thread would share:
 A child costs its start (about 0.3 s) and its own memory (about 110 MB at peak), which is
 why `parallel` defaults to 4: each environment's walk mostly waits on its own rate-limit
 bucket, so 4 side by side take about as long as one, and 4 children fit a small machine.
-Ctrl-C reaches the parent alone (each child has its own session) and is passed on once;
-every child stops at its last checkpoint and the next run resumes it.
+Ctrl-C stops every child at its last checkpoint (the next run resumes it); SIGTERM sent
+to the parent is passed on to the children.
 
 So each environment keeps its own key, rate limiter, output, lock and checkpoint, and one
 failing never stops or corrupts another. The parent reads every child's stderr line by
@@ -69,6 +69,7 @@ SEVERITY = (
     ExitCode.BUG,
 )
 ERROR_PREFIX = "sessions-export: error: "
+INTERRUPT_GRACE_S = 1.0
 # the parent's own choices, never passed on to a child
 _NOT_FORWARDED = frozenset({"config", "environment", "all_environments", "parallel", "log_format"})
 
@@ -215,17 +216,29 @@ def run_children(
                 return EnvironmentResult(name, ExitCode.INTERRUPTED, 0.0)
             return _run_child(name, commands[name], board, live)
 
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    def pass_on(signum: int, _frame: object = None) -> None:
+        for process in list(live.values()):
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    # an orchestrator stops the parent with SIGTERM: the children stop with it
+    main = threading.current_thread() is threading.main_thread()  # where handlers can go
+    previous = signal.signal(signal.SIGTERM, pass_on) if main else None
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+    try:
         futures = {name: pool.submit(one, name) for name in commands}
-        try:
-            return {name: future.result() for name, future in futures.items()}
-        except KeyboardInterrupt:
-            stopping.set()
-            for process in list(live.values()):  # each resumes from its own checkpoint
-                if process.poll() is None:
-                    process.send_signal(signal.SIGINT)
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        return {name: future.result() for name, future in futures.items()}
+    except KeyboardInterrupt:
+        stopping.set()
+        # Ctrl-C on a terminal reached every child already; a signal sent to the parent
+        # alone is passed on to those still running after a moment
+        time.sleep(INTERRUPT_GRACE_S)
+        pass_on(signal.SIGINT)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run_child(
@@ -240,7 +253,6 @@ def _run_child(
         text=True,
         errors="replace",
         env={**os.environ, "PYTHONUNBUFFERED": "1"},  # lines as they happen, not at exit
-        start_new_session=True,  # Ctrl-C reaches the parent, which passes it on once
     )
     live[name] = process
     summary: dict[str, Any] = {}
@@ -254,9 +266,10 @@ def _run_child(
     stdout.join()
     code = process.wait()
     live.pop(name, None)
-    if code < 0:  # killed by a signal (the kernel's OOM killer sends 9)
+    if code < 0:  # killed by a signal: stopped on purpose, or the OOM killer's 9 (a bug)
         board.write(f"{ERROR_PREFIX}[{name}] stopped by signal {-code}", err=True)
-        code = ExitCode.BUG
+        stopped = -code in (signal.SIGINT, signal.SIGTERM)
+        code = ExitCode.INTERRUPTED if stopped else ExitCode.BUG
     seconds = time.monotonic() - started
     board.status(name, f"exit {code} after {seconds:.1f} s")
     return EnvironmentResult(
@@ -319,6 +332,8 @@ class Board:
     def stderr_line(self, name: str, line: str) -> dict[str, Any] | None:
         """Show one line of a child's stderr; its JSON record, if it is one."""
         record = _record(line)
+        if not line.strip():
+            return None
         if record is None:  # an error line or a traceback: plain text, tagged
             tail = line.removeprefix(ERROR_PREFIX)
             self.write(
