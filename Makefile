@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: install bytecode demo test test-fast lint bench bench-faults bench-backfill bench-walk \
-	bench-dataset bench-compact bench-refresh bench-versions bench-load clean
+	bench-dataset bench-compact bench-refresh bench-versions bench-load bench-environments clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -77,3 +77,7 @@ bench-versions: bytecode
 ## A first load of 200,000 sessions into PostgreSQL next to DuckDB (a throwaway local server).
 bench-load: bytecode
 	$(BIN)/python -m bench.load
+
+## 4 environments, each with its own key and rate-limit bucket: each alone, then all at once.
+bench-environments: bytecode
+	$(BIN)/python -m bench.environments

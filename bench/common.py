@@ -53,6 +53,18 @@ def emulator_process(*flags: str) -> Iterator[Emulator]:
         process.wait(timeout=30)
 
 
+def rate_limit_flags(burst: int, refill: int, interval_s: float) -> tuple[str, ...]:
+    """The emulator's flags for a token bucket of `burst`, `refill` every `interval_s`."""
+    return (
+        "--rate-limit-burst",
+        str(burst),
+        "--rate-limit-refill",
+        str(refill),
+        "--rate-limit-interval",
+        str(interval_s),
+    )
+
+
 @contextmanager
 def emulator(*flags: str) -> Iterator[str]:
     """Run `sessions-export emulator` in its own process; yields its base URL."""

@@ -47,13 +47,12 @@ def option_flag(option: Option) -> Callable[[Callable], Callable]:
     )
 
 
-def with_options(
-    command_name: str, filters: bool = False, each_environment: bool = False
-) -> Callable[[Callable], Callable]:
+def with_options(command_name: str, filters: bool = False) -> Callable[[Callable], Callable]:
     """Add `--config`, `--environment` and the options that `command_name` takes (each
-    option's `commands`) as flags; pass the merged `Settings` on. With `each_environment`,
-    `--all-environments` runs every environment."""
+    option's `commands`) as flags; pass the merged `Settings` on. A command that takes
+    `parallel` also takes `--all-environments`, which runs every environment."""
     names = [o.name for o in options_of(command_name)]
+    each_environment = "parallel" in names
 
     def decorate(command: Callable) -> Callable:
         @functools.wraps(command)
@@ -70,12 +69,12 @@ def with_options(
 
             if not all_environments:
                 return invoke(environment)
-            from pipeline.config import environment_names
-            from pipeline.ops.environments import run_each
+            from pipeline.ops.environments import run_all_environments
 
             if environment:
                 raise click.UsageError("give --environment NAME or --all-environments, not both")
-            sys.exit(run_each(environment_names(config), invoke))
+            context = click.get_current_context()
+            sys.exit(run_all_environments(context, config, flags, filter_flags))
 
         for option in reversed(options_of(command_name)):
             wrapper = option_flag(option)(wrapper)
@@ -88,8 +87,8 @@ def with_options(
             wrapper = click.option(
                 "--all-environments",
                 is_flag=True,
-                help="run every [environments.NAME] of the config file in turn; exit with "
-                "the worst outcome",
+                help="run every [environments.NAME] of the config file, --parallel at a "
+                "time; exit with the worst outcome",
             )(wrapper)
         wrapper = click.option(
             "--environment",
@@ -142,7 +141,7 @@ def cli() -> None:
 
 
 @cli.command()
-@with_options("run", filters=True, each_environment=True)
+@with_options("run", filters=True)
 @click.option(
     "--full-refresh",
     is_flag=True,

@@ -54,6 +54,8 @@ COMMANDS = (
     "state reset",
 )
 EXPORTS = ("run", "backfill")  # the commands that call the API and write the dataset
+# the commands that take --all-environments (and so --parallel)
+EACH_ENVIRONMENT = ("run", "backfill", "compact", "verify", "load duckdb", "load postgres")
 _T = TypeVar("_T")
 
 
@@ -181,6 +183,14 @@ class Settings:
     )
     concurrency: int = option(
         8, "backfill: windows walked at once", commands=("backfill",), at_least=1
+    )
+    # each environment has its own rate-limit bucket, so 4 walks wait on the API side by
+    # side; 4 child processes of ~110 MB each stay within a small machine's cores and memory
+    parallel: int = option(
+        4,
+        "--all-environments: environments run at once, each in its own process",
+        commands=EACH_ENVIRONMENT,
+        at_least=1,
     )
     since: str | None = option(
         None,

@@ -10,9 +10,13 @@ does not erase when the last good one finished.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
+import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,19 +142,33 @@ class MetricsFile:
     def __init__(self, path: str, environment: str | None, branch: str | None = None) -> None:
         target = Path(path).expanduser()
         self.name = target.name
-        self.storage = Storage(str(target.parent.absolute()))
+        self.directory = target.parent.absolute()
+        self.storage = Storage(str(self.directory))
         self.environment = series_labels(environment, branch)
 
     def _update(self, change) -> None:  # noqa: ANN001 - a Samples -> Samples function
-        data = self.storage.read_bytes(self.name)
-        samples = parse(data.decode(errors="replace")) if data else {}
-        self.storage.write_bytes(self.name, render(change(samples)).encode())
+        with _directory_locked(self.directory):  # environments run at once share the file
+            data = self.storage.read_bytes(self.name)
+            samples = parse(data.decode(errors="replace")) if data else {}
+            self.storage.write_bytes(self.name, render(change(samples)).encode())
 
     def success(self, outcome: RunOutcome, now_s: float) -> None:
         self._update(lambda s: after_success(s, self.environment, outcome, now_s))
 
     def failure(self, exit_code: int, now_s: float) -> None:
         self._update(lambda s: after_failure(s, self.environment, exit_code, now_s))
+
+
+@contextmanager
+def _directory_locked(directory: Path) -> Iterator[None]:
+    """An exclusive `flock` on the directory itself: no lock file beside the metrics."""
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
 
 
 def _label(value: str) -> str:

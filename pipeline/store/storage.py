@@ -127,6 +127,16 @@ def _warn_if_plain_http(endpoint: str | None) -> None:
         )
 
 
+def location(uri: str) -> str:
+    """`uri` as one spelling per place, for telling whether two settings name the same one:
+    a local path absolute with links resolved, an object URI without its query or doubled
+    slashes. Opens nothing."""
+    if "://" not in uri or uri.startswith("file://"):
+        return str(Path(uri.removeprefix("file://")).expanduser().resolve())
+    scheme, _, rest = uri.partition("?")[0].partition("://")
+    return f"{scheme.lower()}://{re.sub('/+', '/', rest).strip('/')}"
+
+
 class Storage:
     """Files under one base URI (`output/`, `/abs/dir`, `s3://bucket/prefix`)."""
 
