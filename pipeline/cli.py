@@ -452,12 +452,20 @@ def state() -> None:
 
 
 @state.command("show")
-@with_options(*_COMMON)
-def state_show(settings: Settings) -> None:
-    """Print the checkpoint as JSON."""
+@with_options(*_COMMON, each_environment=True)
+@click.option("--json", "as_json", is_flag=True, help="print the checkpoint as JSON instead")
+def state_show(settings: Settings, as_json: bool) -> None:
+    """Where the export stands: the high-water mark and its age, the last successful run,
+    an interrupted run's position, active sessions watched, backfills in progress and who
+    holds the lock. --json prints the checkpoint itself."""
     store = state_store(settings)
-    checkpoint = store.load()
-    click.echo(checkpoint.to_json().decode())
+    if as_json:
+        click.echo(store.load().to_json().decode())
+        return
+    from pipeline.jobs.core import wall_clock_ms
+    from pipeline.ops.state_view import read_state, render
+
+    click.echo(render(read_state(store, wall_clock_ms(), settings.environment)))
 
 
 @state.command("reset")
