@@ -105,3 +105,10 @@ def test_airflow_dag_runs_against_the_emulator(emulator, output, tmp_path):
     tasks = json.loads(run.stdout.strip().splitlines()[-1])
     assert tasks["export"][0] == "success" and tasks["export"][1]["sessions"] == 200
     assert tasks["daily_sessions"] == ["success", day_counts(emulator_sessions(emu.url))]
+
+
+def test_docs_show_the_recipes_as_they_are():
+    page = (ROOT / "docs" / "orchestrators.md").read_text()
+    for recipe in ("dagster_assets.py", "airflow_dag.py"):
+        text = (ROOT / "examples" / recipe).read_text()
+        assert f"(../examples/{recipe})" in page and f"```python\n{text}```" in page, recipe
