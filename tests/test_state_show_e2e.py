@@ -11,6 +11,8 @@ from pathlib import Path
 from pipeline.ops.state_view import utc
 from pipeline.store.lock import LeaseTarget, lease_lock
 from tests.conftest import run_cli, spawn_cli
+from tests.test_storage_gcs import cli as gcs_cli
+from tests.test_storage_gcs import gcs  # noqa: F401 - the fake GCS server fixture
 from tests.test_storage_s3 import cli as s3_cli
 from tests.test_storage_s3 import s3  # noqa: F401 - the moto server fixture
 
@@ -151,3 +153,18 @@ def test_on_s3(emulator, s3):  # noqa: F811 - the fixture imported above
     raw = s3_cli("state", "show", "--json", "--output", output, url=None, aws=s3.env)
     stored = s3.client().get_object(Bucket=bucket, Key="out/_state/checkpoint.json")
     assert raw.stdout == stored["Body"].read().decode() + "\n"
+
+
+def test_on_gcs(emulator, gcs):  # noqa: F811 - the fixture imported above
+    emu = emulator(sessions=150, seed=36)
+    bucket = gcs.new_bucket()
+    output = f"gs://{bucket}/out"
+    assert gcs_cli("run", "--output", output, url=emu.url, gcs=gcs).returncode == 0
+    with lease_lock(gcs.target(bucket, "out/_state/lock"), "pid=2 host=airflow-worker"):
+        result = gcs_cli("state", "show", "--output", output, url=None, gcs=gcs)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"state in {output}/_state" and lines[1].startswith("  exported up to ")
+    assert lines[-1].startswith("  lock: held by pid=2 host=airflow-worker; lease renewed ")
+    free = gcs_cli("state", "show", "--output", output, url=None, gcs=gcs)
+    assert free.stdout.splitlines()[-1] == "  lock: free"
