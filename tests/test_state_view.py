@@ -142,3 +142,13 @@ def test_read_state_finds_the_backfills_beside_the_checkpoint(tmp_path: Path):
     assert view.backfills[0].lock == LockView(False)
     assert len(view.problems) == 1 and "backfill-0f.json is unreadable" in view.problems[0]
     assert "  problem: " in render(view)
+
+
+def test_a_lock_that_cannot_be_checked_says_so():
+    def line(lock: LockView) -> str:
+        return render(StateView("/d", Checkpoint(), NOW, lock=lock)).splitlines()[-1]
+
+    assert line(LockView(None, note="cannot read it: timed out")) == \
+        "  lock: unknown (cannot read it: timed out)"
+    assert line(LockView(None, "pid=7 host=other")) == \
+        "  lock: taken by pid=7 host=other (cannot tell from here whether it still runs)"

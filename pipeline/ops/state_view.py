@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.errors import ExportError
 from pipeline.jobs.backfill import BackfillState
 from pipeline.store.state import LOCK_FILE, Checkpoint, StateStore
 from pipeline.store.storage import Storage
@@ -112,9 +111,11 @@ def read_lock(storage: Storage, path: str) -> LockView:
     if storage.is_local:
         return _local_lock(Path(storage.full_path(path)))
     try:
-        record = _lease_store(storage, path).read()
-    except ExportError as error:
-        return LockView(None, note=f"cannot read it: {error}")
+        store = _lease_store(storage, path)
+        try:
+            record = store.read()
+        finally:
+            store.close()
     except Exception as error:  # noqa: BLE001 - the store's own failure: shown, not fatal
         return LockView(None, note=f"cannot read it: {error}")
     if record is None:
@@ -314,7 +315,8 @@ def _lock_text(lock: LockView | None) -> str:
     note = f"; {lock.note}" if lock.note else ""
     if lock.held:
         return f"held by {lock.holder or 'another process'}{note}"
+    if lock.held is None and not lock.holder:
+        return f"unknown ({lock.note})" if lock.note else "unknown"
     if lock.held is None:
-        who = f"taken by {lock.holder}" if lock.holder else "state unknown"
-        return f"{who} (cannot tell from here whether it still runs{note})"
+        return f"taken by {lock.holder} (cannot tell from here whether it still runs{note})"
     return f"free (last taken by {lock.holder}{note})"
