@@ -47,12 +47,16 @@ def option_flag(option: Option) -> Callable[[Callable], Callable]:
     )
 
 
+# read-only commands whose --all-environments reads each environment here, one after another
+READ_IN_TURN = ("state show",)
+
+
 def with_options(command_name: str, filters: bool = False) -> Callable[[Callable], Callable]:
     """Add `--config`, `--environment` and the options that `command_name` takes (each
     option's `commands`) as flags; pass the merged `Settings` on. A command that takes
     `parallel` also takes `--all-environments`, which runs every environment."""
     names = [o.name for o in options_of(command_name)]
-    each_environment = "parallel" in names
+    each_environment = "parallel" in names or command_name in READ_IN_TURN
 
     def decorate(command: Callable) -> Callable:
         @functools.wraps(command)
@@ -69,10 +73,14 @@ def with_options(command_name: str, filters: bool = False) -> Callable[[Callable
 
             if not all_environments:
                 return invoke(environment)
-            from pipeline.ops.environments import run_all_environments
+            from pipeline.ops.environments import run_all_environments, run_in_turn
 
             if environment:
                 raise click.UsageError("give --environment NAME or --all-environments, not both")
+            if command_name in READ_IN_TURN:
+                from pipeline.config import environment_names
+
+                sys.exit(run_in_turn(environment_names(config), invoke))
             context = click.get_current_context()
             sys.exit(run_all_environments(context, config, flags, filter_flags))
 
@@ -265,11 +273,19 @@ def state() -> None:
 
 @state.command("show")
 @with_options("state show")
-def state_show(settings: Settings) -> None:
-    """Print the checkpoint as JSON."""
+@click.option("--json", "as_json", is_flag=True, help="print the checkpoint as JSON instead")
+def state_show(settings: Settings, as_json: bool) -> None:
+    """Where the export stands: the high-water mark and its age, the last successful run,
+    an interrupted run's position, active sessions watched, backfills in progress and who
+    holds the lock. --json prints the checkpoint itself."""
     store = state_store(settings)
-    checkpoint = store.load()
-    click.echo(checkpoint.to_json().decode())
+    if as_json:
+        click.echo(store.load().to_json().decode())
+        return
+    from pipeline.jobs.core import wall_clock_ms
+    from pipeline.ops.state_view import read_state, render
+
+    click.echo(render(read_state(store, wall_clock_ms(), settings.environment)))
 
 
 @state.command("reset")

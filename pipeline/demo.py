@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -131,10 +132,19 @@ def _summary() -> None:
         f"{first['seconds']:.1f}s, {first['requests']} requests, {first['retries']} retries "
         f"(first run); dataset in {OUTPUT}/sessions/"
     )
-    print(
-        "query it:  duckdb -c \"SELECT count(*) FROM read_parquet('output/sessions/*/*.parquet',"
-        ' hive_partitioning=true)"'
+    print(f"query it:  {query_hint()}")
+
+
+def query_hint() -> str:
+    """A shell line that queries the demo's dataset with what `make demo` installed."""
+    python = Path(sys.executable)
+    if python.is_relative_to(Path.cwd()):  # `.venv/bin/python`, as a newcomer types it
+        python = python.relative_to(Path.cwd())
+    query = (
+        f"import pipeline; print(pipeline.scan_sessions('{OUTPUT}')"
+        ".group_by('type').len().sort('len', descending=True).collect())"
     )
+    return f'{shlex.quote(str(python))} -c "{query}"'
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def test_environments_run_one_or_all_with_their_own_keys(emulator, tmp_path):
     unknown = run_cli("run", "--config", str(config), "--environment", "prd", key=None,
                       env_extra=keys)
     assert unknown.returncode == 2 and "did you mean 'prod'" in unknown.stderr
-    state = run_cli("state", "show", "--config", str(config), "--environment", "prod", key=None)
+    state = run_cli("state", "show", "--json", "--config", str(config), "--environment", "prod", key=None)
     assert state.returncode == 0 and json.loads(state.stdout)["last_run_id"]
 
 

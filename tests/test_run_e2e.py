@@ -95,7 +95,7 @@ def test_manifest_and_checkpoint_after_a_run(emulator, output):
     assert manifest["requests"] == manifest["pages"] + fetches + manifest["retries"]
     assert sorted(manifest["files"]) == sorted(
         str(p.relative_to(output)) for p in data_files(output))
-    state = run_cli("state", "show", "--output", str(output))
+    state = run_cli("state", "show", "--json", "--output", str(output))
     checkpoint = json.loads(state.stdout)
     assert checkpoint["in_progress"] is None
     newest = max(s["createdAt"] for s in emulator_sessions(emu.url))

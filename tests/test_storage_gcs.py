@@ -125,7 +125,7 @@ def test_export_to_gcs_with_state_and_lock_there(emulator, gcs):
     for session in sessions:
         assert_row_matches(latest[session["id"]], session)
 
-    state = cli("state", "show", "--output", output, url=None, gcs=gcs)
+    state = cli("state", "show", "--json", "--output", output, url=None, gcs=gcs)
     assert state.returncode == 0 and json.loads(state.stdout)["high_water_ms"], state.stderr
     verify = cli("verify", "--output", output, url=None, gcs=gcs)
     assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any
@@ -100,6 +100,28 @@ class EnvironmentResult:
             "seconds": round(self.seconds, 3),
             "exit": self.exit_code,
         }
+
+
+def run_in_turn(names: list[str], run_one: Callable[[str], object]) -> int:
+    """Call `run_one` for each environment in this process, one after another (a read-only
+    command such as `state show`); one failing does not stop the rest; the worst exit code."""
+    codes = []
+    for name in names:
+        try:
+            run_one(name)
+            codes.append(0)
+        except ExportError as error:
+            click.echo(f"sessions-export: error: [{name}] {redact(str(error))}", err=True)
+            codes.append(error.exit_code)
+        except Exception as error:  # noqa: BLE001 - one environment's bug must not stop the rest
+            log.debug("unexpected error in environment %s", name, exc_info=True)
+            click.echo(
+                f"sessions-export: unexpected error (a bug, please report it) in [{name}]: "
+                f"{type(error).__name__}: {redact(str(error))}",
+                err=True,
+            )
+            codes.append(ExitCode.BUG)
+    return worst_exit(codes)
 
 
 def run_all_environments(

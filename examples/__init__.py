@@ -1,0 +1,1 @@
+"""Recipes that run the export from an orchestrator (docs/orchestrators.md), run by tests."""
