@@ -141,12 +141,12 @@ def test_recover_finishes_a_flush_cut_between_the_two_commits(tmp_path: Path) ->
 
 
 def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path: Path) -> None:
-    output, batches, rng = str(tmp_path / "out"), 40, random.Random(7)
+    output, batches, rng = str(tmp_path / "out"), 250, random.Random(7)
     argv = [sys.executable, "-m", "tests.delta_worker", output, APP, "5", str(batches)]
     kills = 0
     while kills < 22:
         worker = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(0.3, 2.5))
+        time.sleep(rng.uniform(0.4, 1.6))
         if worker.poll() is not None:
             break
         os.kill(worker.pid, signal.SIGKILL)

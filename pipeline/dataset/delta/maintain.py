@@ -141,7 +141,7 @@ def _check_latest(output: DeltaOutput, report: DeltaVerifyReport) -> None:
 
 
 def _partition(table: Any, day: str) -> pa.Table:
-    return table.to_pyarrow_dataset(partitions=[(PARTITION_KEY, "=", day)]).to_table()
+    return table.to_pyarrow_dataset(file_pruning_predicate=[(PARTITION_KEY, "=", day)]).to_table()
 
 
 def _by_id(rows: pa.Table) -> pa.Table:

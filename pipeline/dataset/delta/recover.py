@@ -84,7 +84,7 @@ class DeltaStoredVersions(StoredVersions):
         keys: set[str] = set()
         for stand_in in files:
             dataset = self._table.to_pyarrow_dataset(
-                partitions=[("created_date", "=", stand_in.partition)]
+                file_pruning_predicate=[("created_date", "=", stand_in.partition)]
             )
             for batch in dataset.to_batches(columns=["id", "updated_at"]):
                 table = pa.Table.from_batches([batch])
