@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: install bytecode demo test lint bench bench-faults bench-backfill bench-walk bench-dataset \
-	bench-compact bench-refresh bench-versions bench-load clean
+	bench-compact bench-refresh bench-versions bench-load bench-delta clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -73,3 +73,10 @@ bench-versions: bytecode
 ## A first load of 200,000 sessions into PostgreSQL next to DuckDB (a throwaway local server).
 bench-load: bytecode
 	$(BIN)/python -m bench.load
+
+## A 10,000-change flush into a 10,000,000-row Delta latest table (365 partitions), then
+## OPTIMIZE: time, peak RSS, where the time goes (DELTA_ROWS to try a smaller table first).
+DELTA_ROWS ?= 10000000
+bench-delta: bytecode
+	mkdir -p output
+	$(BIN)/python -m bench.delta --rows $(DELTA_ROWS) --out-dir output
