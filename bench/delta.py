@@ -3,8 +3,9 @@
 
 `python -m bench.delta build OUT --rows N --days D` lays out both tables quickly without
 the API (`bench.dataset`'s rows, four `write_deltalake` per 30 days so that each partition
-holds four files, each session at one version); `merge OUT` and `optimize OUT` are the measured steps, each in its own process
-(time and peak RSS via wait4); `python -m bench.delta [--rows N]` runs all three.
+holds four files, each session at one version); `merge OUT` and `optimize OUT` are the
+measured steps, each in its own process (time and peak RSS via wait4);
+`python -m bench.delta [--rows N]` runs all three.
 """
 
 from __future__ import annotations
