@@ -286,3 +286,21 @@ def test_an_independent_log_reader_sees_what_delta_rs_sees(tmp_path: Path) -> No
     run(output, APP, seed=11, batches=6)
     assert_independent_reader_agrees(output)
     _ = pa  # the reader uses pyarrow.parquet only
+
+
+def test_a_commit_from_a_stale_snapshot_conflicts_and_a_rerun_inserts_nothing_twice(tmp_path) -> None:
+    """The fence concurrent writers rely on: delta-rs refuses a MERGE whose partitions
+    another commit changed since its snapshot; `_commit` then reruns it on a fresh one."""
+    from deltalake.exceptions import CommitFailedError
+
+    out = DeltaOutput.at(tmp_path / "out")
+    stale = out.open(VERSIONS_DIR)
+    rows = to_delta_rows(flatten_sessions([session(1, 1), session(2, 1)], 1000, "r"))
+    assert apply_versions(out, rows, "other", 1, None).inserted == 2
+    predicate = ("t.created_date IN ('2026-10-02', '2026-10-03') AND t.id = s.id"
+                 " AND (t.updated_at IS NOT DISTINCT FROM s.updated_at)")
+    with pytest.raises(CommitFailedError, match="concurrent"):
+        stale.merge(rows, predicate, source_alias="s", target_alias="t") \
+            .when_not_matched_insert_all().execute()
+    assert apply_versions(out, rows, APP, 1, None).inserted == 0
+    assert len(rows_of(out.table_uri(VERSIONS_DIR))) == 2
