@@ -304,3 +304,51 @@ def test_a_commit_from_a_stale_snapshot_conflicts_and_a_rerun_inserts_nothing_tw
             .when_not_matched_insert_all().execute()
     assert apply_versions(out, rows, APP, 1, None).inserted == 0
     assert len(rows_of(out.table_uri(VERSIONS_DIR))) == 2
+
+
+# -- DuckDB's delta extension (delta-kernel-rs, not delta-rs): a second independent reader -------
+
+DUCKDB_VENV = ROOT / ".venv" / "duckdelta"  # cached: made once, outside the project's deps
+DUCKDB_PINS = ("duckdb==1.4.4", "duckdb-ext-delta==1.4.4.20260205")  # the extension pins its DuckDB
+DUCKDB_READ = """
+import json, pathlib, site, sys
+import duckdb
+ext = next(pathlib.Path(p) for p in site.getsitepackages()
+           if (pathlib.Path(p) / "duckdb_ext").exists()) / \\
+      "duckdb_ext/extensions/v1.4.4/linux_amd64/delta.duckdb_extension"
+con = duckdb.connect()
+con.execute(f"LOAD '{ext}'")
+rows = con.execute(
+    "SELECT id, epoch_ms(updated_at), metadata, CAST(created_date AS VARCHAR) "
+    f"FROM delta_scan('{sys.argv[1]}')").fetchall()
+print(json.dumps(rows))
+"""
+
+
+@pytest.fixture(scope="module")
+def duckdb_delta() -> Path:
+    python = DUCKDB_VENV / "bin" / "python"
+    if not (DUCKDB_VENV / ".ready").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(DUCKDB_VENV)], check=True)
+        install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *DUCKDB_PINS],
+                                 capture_output=True, text=True, timeout=600)
+        if install.returncode != 0:
+            pytest.skip(f"DuckDB's delta extension does not install here: {install.stderr[-300:]}")
+        (DUCKDB_VENV / ".ready").touch()
+    return python
+
+
+def test_duckdb_delta_scan_reads_what_delta_rs_wrote(tmp_path: Path, duckdb_delta: Path) -> None:
+    output = str(tmp_path / "out")
+    run(output, APP, seed=12, batches=6)
+    compact_delta(DeltaOutput.at(output))  # a checkpoint in the log too
+    run(output, APP, seed=12, batches=9)
+    for name in (LATEST_DIR, VERSIONS_DIR):
+        read = subprocess.run([str(duckdb_delta), "-c", DUCKDB_READ, f"{output}/{name}"],
+                              capture_output=True, text=True, timeout=300)
+        assert read.returncode == 0, read.stderr
+        theirs = sorted(map(tuple, json.loads(read.stdout)), key=str)
+        ours = sorted(((r["id"], None if r["updated_at"] is None else
+                        int(r["updated_at"].timestamp() * 1000), r["metadata"], r["created_date"])
+                       for r in rows_of(f"{output}/{name}")), key=str)
+        assert theirs == ours
