@@ -18,6 +18,7 @@ from pipeline.dataset.delta import (
 from pipeline.dataset.delta.commit import apply_versions
 from pipeline.dataset.delta.tables import to_delta_rows
 from pipeline.dataset.flatten import flatten_sessions
+from pipeline.errors import StorageError
 from tests.delta_worker import batch, extracted, run
 from tests.test_delta import truth
 from tests.test_storage_gcs import gcs  # noqa: F401 - the fixture
@@ -61,7 +62,7 @@ def test_delta_on_gcs(gcs, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F8
     bucket = gcs.new_bucket()
     try:
         _flow(f"gs://{bucket}/exports/delta")
-    except OSError as error:
+    except (OSError, StorageError) as error:
         if "Error performing" not in str(error):
             raise
         pytest.xfail(f"delta-rs cannot talk to fake-gcs-server: {' '.join(str(error).split())[:300]}")

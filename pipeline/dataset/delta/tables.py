@@ -14,6 +14,7 @@ S3-compatible server) and `STORAGE_EMULATOR_HOST` for a GCS emulator.
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 
 from pipeline.dataset.layout import MS_PER_DAY
 from pipeline.dataset.schema import PARTITION_KEY, SCHEMA
-from pipeline.errors import UsageError
+from pipeline.errors import StorageError, UsageError
 from pipeline.store.storage import gcs_emulator, storage_endpoint
 
 if TYPE_CHECKING:
@@ -118,20 +119,22 @@ class DeltaOutput:
         return deltalake.DeltaTable.is_deltatable(self.table_uri(name), self.options or None)
 
     def open(self, name: str, create: bool = True) -> DeltaTable:
-        """The table `name` (`LATEST_DIR` or `VERSIONS_DIR`), created empty when absent."""
+        """The table `name` (`LATEST_DIR` or `VERSIONS_DIR`), created empty when absent;
+        a store that cannot be reached is a `StorageError` (exit 5)."""
         deltalake = require_deltalake()
         uri = self.table_uri(name)
         options = self.options or None
-        if not create or deltalake.DeltaTable.is_deltatable(uri, options):
-            return deltalake.DeltaTable(uri, storage_options=options)
         try:
-            return deltalake.DeltaTable.create(
-                uri, DELTA_SCHEMA, partition_by=[PARTITION_KEY], mode="ignore",
-                storage_options=options,
-            )
-        except Exception:  # noqa: BLE001 - another writer created it first: open theirs
+            if create and not deltalake.DeltaTable.is_deltatable(uri, options):
+                with suppress(deltalake.exceptions.DeltaError):  # another writer was first
+                    deltalake.DeltaTable.create(
+                        uri, DELTA_SCHEMA, partition_by=[PARTITION_KEY], mode="ignore",
+                        storage_options=options,
+                    )
             return deltalake.DeltaTable(uri, storage_options=options)
-
+        except (OSError, deltalake.exceptions.DeltaError) as error:
+            reason = " ".join(str(error).split())[:300]
+            raise StorageError(f"cannot open the Delta table {uri}: {reason}") from None
 
 def partition_literals(days: list[str]) -> str:
     """`created_date IN (...)` for a merge predicate: the touched partitions, literally."""
