@@ -25,6 +25,7 @@ from pipeline.dataset.delta import (
     DeltaOutput,
     DeltaSink,
     compact_delta,
+    delta_dataset,
     known_versions,
     recover,
     scan_delta_sessions,
@@ -230,6 +231,8 @@ def test_scan_reads_either_table_with_partition_pruning(tmp_path: Path) -> None:
     day = scan_delta_sessions(output).filter(pl.col("created_date") == pl.date(2026, 10, 2))
     assert day.collect().height == sum(s["createdAt"].startswith("2026-10-02")
                                        for s, _ in latest.values())
+    batches = delta_dataset(DeltaOutput.at(output)).to_batches(batch_size=7)
+    assert sum(b.num_rows for b in batches) == len(latest)
 
 
 def test_without_deltalake_exit_2_names_the_pip_command() -> None:

@@ -10,6 +10,7 @@ from pipeline.dataset.delta.maintain import (
     CompactReport,
     DeltaVerifyReport,
     compact_delta,
+    delta_dataset,
     scan_delta_sessions,
     verify_delta,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "DeltaVerifyReport",
     "DeltaWritten",
     "compact_delta",
+    "delta_dataset",
     "known_versions",
     "recover",
     "require_deltalake",

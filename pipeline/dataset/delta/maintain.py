@@ -11,6 +11,7 @@ from urllib.parse import unquote
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from pipeline.dataset.delta.commit import newest_per_id
 from pipeline.dataset.delta.log import LOG_DIR, log_versions
@@ -163,3 +164,9 @@ def scan_delta_sessions(
     name = LATEST_DIR if latest else VERSIONS_DIR
     frame = pl.scan_delta(target.table_uri(name), storage_options=target.options or None)
     return frame.select([*SCHEMA.names, PARTITION_KEY])
+
+
+def delta_dataset(output: DeltaOutput, latest: bool = True) -> ds.Dataset:
+    """The latest view (`latest=False`: every version) as a pyarrow dataset, read in
+    batches: what `load duckdb`, `load postgres` and `stats` stream from."""
+    return output.open(LATEST_DIR if latest else VERSIONS_DIR, create=False).to_pyarrow_dataset()
