@@ -355,3 +355,22 @@ def test_duckdb_delta_scan_reads_what_delta_rs_wrote(tmp_path: Path, duckdb_delt
                         int(r["updated_at"].timestamp() * 1000), r["metadata"], r["created_date"])
                        for r in rows_of(f"{output}/{name}")), key=str)
         assert theirs == ours
+
+
+COMPACT = ("import sys; from datetime import timedelta\n"
+           "from pipeline.dataset.delta import DeltaOutput, compact_delta\n"
+           "compact_delta(DeltaOutput.at(sys.argv[1]), timedelta(0), force=True)\n")
+
+
+def test_kill_9_during_compact_then_flushes_and_compact_again_is_exact(tmp_path: Path) -> None:
+    output, rng = str(tmp_path / "out"), random.Random(3)
+    run(output, APP, seed=13, batches=30)
+    for kill in range(6):
+        compactor = subprocess.Popen([sys.executable, "-c", COMPACT, output], cwd=ROOT)
+        time.sleep(rng.uniform(0.2, 1.5))
+        os.kill(compactor.pid, signal.SIGKILL)
+        compactor.wait()
+        run(output, APP, seed=13, batches=31 + kill)
+    compact_delta(DeltaOutput.at(output))
+    assert_tables_match(output, seed=13, batches=36)
+    assert verify_delta(DeltaOutput.at(output)).ok
