@@ -5,12 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: install bytecode demo test test-fast lint bench bench-faults bench-backfill bench-walk \
-	bench-dataset bench-compact bench-refresh bench-versions bench-load bench-environments clean
+	bench-dataset bench-compact bench-refresh bench-versions bench-load bench-environments bench-delta clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,delta]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -81,3 +81,10 @@ bench-load: bytecode
 ## 4 environments, each with its own key and rate-limit bucket: each alone, then all at once.
 bench-environments: bytecode
 	$(BIN)/python -m bench.environments
+
+## A 10,000-change flush into a 10,000,000-row Delta latest table (365 partitions), then
+## OPTIMIZE: time, peak RSS, where the time goes (DELTA_ROWS to try a smaller table first).
+DELTA_ROWS ?= 10000000
+bench-delta: bytecode
+	mkdir -p output
+	$(BIN)/python -m bench.delta --rows $(DELTA_ROWS) --out-dir output
