@@ -22,7 +22,6 @@ from pipeline.errors import StorageError
 from tests.delta_worker import batch, extracted, run
 from tests.test_delta import truth
 from tests.test_storage_gcs import gcs  # noqa: F401 - the fixture
-from tests.test_storage_s3 import s3  # noqa: F401 - the fixture
 
 APP = "sessions-export"
 
@@ -47,7 +46,7 @@ def _flow(output: str) -> None:
     assert table.transaction_version(APP) == 7
 
 
-def test_delta_on_s3_with_conditional_puts(s3) -> None:  # noqa: F811
+def test_delta_on_s3_with_conditional_puts(s3) -> None:
     bucket = s3.new_bucket()
     _flow(f"s3://{bucket}/exports/delta")
     keys = s3.client().list_objects_v2(Bucket=bucket, Prefix="exports/delta/sessions/_delta_log/")

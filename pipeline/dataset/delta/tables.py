@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.dataset.layout import MS_PER_DAY
 from pipeline.dataset.schema import PARTITION_KEY, SCHEMA
 from pipeline.errors import StorageError, UsageError
 from pipeline.store.storage import gcs_emulator, storage_endpoint
+from pipeline.timestamps import MS_PER_DAY
 
 if TYPE_CHECKING:
     from deltalake import DeltaTable
