@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
+from pipeline.store.state import Counters
 from pipeline.store.storage import Storage
 from pipeline.timestamps import format_timestamp_ms
 
@@ -15,8 +17,14 @@ def iso_ms(epoch_ms: int | None) -> str | None:
     return None if epoch_ms is None else format_timestamp_ms(epoch_ms)
 
 
+MANIFEST_COUNTERS = ("rows", "pages", "requests", "retries", "rate_limited")
+
+
 @dataclass(frozen=True)
 class RunManifest:
+    """A finished run: its window, filters, times, counters (`MANIFEST_COUNTERS` at the top
+    level; the rest in `extra`) and the files it wrote."""
+
     run_id: str
     mode: str
     window_from: str | None
@@ -25,11 +33,7 @@ class RunManifest:
     started_at: str | None
     finished_at: str | None
     seconds: float
-    rows: int
-    pages: int
-    requests: int
-    retries: int
-    rate_limited: int
+    counts: Counters
     resumed: int
     files: list[str]
     partitions: list[str]
@@ -40,8 +44,27 @@ class RunManifest:
     def path(self) -> str:
         return f"{RUNS_DIR}/{self.run_id}.json"
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "mode": self.mode,
+            "window_from": self.window_from,
+            "window_to": self.window_to,
+            "filters": self.filters,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "seconds": self.seconds,
+            **self.counts.only(MANIFEST_COUNTERS),
+            "resumed": self.resumed,
+            "files": self.files,
+            "partitions": self.partitions,
+            "high_water": self.high_water,
+            "extra": self.extra,
+            "branch": self.branch,
+        }
+
     def write(self, storage: Storage) -> None:
-        storage.write_bytes(self.path(), json.dumps(asdict(self), indent=2).encode())
+        storage.write_bytes(self.path(), json.dumps(self.to_dict(), indent=2).encode())
 
 
 def read_manifests(storage: Storage) -> list[dict[str, object]]:
