@@ -100,7 +100,8 @@ class BackfillOptions:
 
 class WindowScheduler:
     """Which window a worker walks next, and the state's bookkeeping as windows are walked,
-    split and flushed: every change happens under one lock and is saved at once."""
+    split and flushed: every change happens under one lock; splits and flushes are saved at
+    once (how far a walker has read is saved with them)."""
 
     def __init__(self, state: BackfillState, save: Callable[[BackfillState], None]) -> None:
         self.state = state
