@@ -93,3 +93,19 @@ def test_an_old_backfill_state_loads_and_keeps_its_keys():
     assert {k: v for k, v in saved.items() if k != "windows"} == {
         k: v for k, v in old.items() if k != "windows"
     }
+
+
+def test_a_resume_removes_the_files_its_state_does_not_record(tmp_path):
+    from pipeline.dataset.layout import data_file_path
+    from pipeline.jobs.core import remove_unrecorded
+    from pipeline.store.storage import Storage
+
+    output = Storage(str(tmp_path))
+    recorded = data_file_path("2026-01-01", "r1-w0001", 0)
+    unrecorded = data_file_path("2026-01-02", "r1-w0001", 1)  # flushed after the checkpoint
+    other_run = data_file_path("2026-01-02", "r0", 0)
+    for path in (recorded, unrecorded, other_run):
+        output.write_bytes(path, b"PAR1")
+    assert remove_unrecorded(output, "r1", [recorded]) == 1
+    assert output.read_bytes(unrecorded) is None
+    assert output.read_bytes(recorded) and output.read_bytes(other_run)

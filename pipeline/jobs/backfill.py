@@ -39,6 +39,7 @@ from pipeline.jobs.core import (
     finish_report,
     listing_for,
     new_run_id,
+    remove_unrecorded,
     request_counts,
     wall_clock_ms,
 )
@@ -303,6 +304,7 @@ class BackfillRun:
         if state is None or self.options.restart:
             return self._new_state()
         self.resumed = True
+        remove_unrecorded(self.output, state.run_id, state.files())
         left = sum(1 for w in state.windows if not w.done)
         log.info(
             "resuming backfill %s: %d of %d windows unfinished",

@@ -33,7 +33,13 @@ from pipeline.dataset.flatten import (
     flatten_listed,
     flatten_sessions,
 )
-from pipeline.dataset.layout import MS_PER_DAY, partition_of, version_keys
+from pipeline.dataset.layout import (
+    MS_PER_DAY,
+    classify_files,
+    partition_of,
+    version_keys,
+    written_by,
+)
 from pipeline.dataset.manifest import RunManifest, iso_ms
 from pipeline.dataset.sink import Sink
 from pipeline.dataset.versions import KEY_BUDGET, StoredVersions
@@ -77,6 +83,24 @@ def batch_stream(
     `floor` is the walk's lower createdAt bound, asked before every request (`walk_listing`)."""
     rows = min(BATCH_ROWS, flush_rows)
     return prefetched(batched(walk_listing(client.list_sessions, listing, state, floor), rows))
+
+
+def remove_unrecorded(output: Storage, run_id: str, recorded: Sequence[str]) -> int:
+    """Delete the data files of `run_id` that its state does not record: flushes of an
+    interrupted attempt made after its last checkpoint. The resumed run redoes them, and may
+    redo them with other rows (a backfill window split meanwhile, a changed ACTIVE listing),
+    so a file left from the first attempt could hold rows written again elsewhere."""
+    known = set(recorded)
+    stale = [
+        data_file.path
+        for data_file in classify_files(output)[0]
+        if written_by(data_file.path, run_id) and data_file.path not in known
+    ]
+    for path in stale:
+        output.delete(path)
+    if stale:
+        log.info("removed %d files of run %s written after its last checkpoint", len(stale), run_id)
+    return len(stale)
 
 
 # -- which versions are held already ---------------------------------------------------------

@@ -38,6 +38,7 @@ from pipeline.jobs.core import (
     finish_report,
     listing_for,
     new_run_id,
+    remove_unrecorded,
     wall_clock_ms,
 )
 from pipeline.jobs.enrich import TriggerConfigFiller
@@ -146,6 +147,7 @@ class IncrementalRun:
         resumed = progress is not None and progress.mode == self.mode
         if progress is not None and resumed:
             progress = self._resume(progress)
+            remove_unrecorded(self.output, progress.run_id, progress.walked.files)
         else:
             progress = self._start(checkpoint)
         captures = self.options.track_active and "status" not in progress.filters
