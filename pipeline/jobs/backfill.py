@@ -174,13 +174,20 @@ class WindowScheduler:
         with self._lock:
             return window.from_ms
 
+    def fetched(self, window: WindowProgress, page: WalkedPage) -> None:
+        """On the walking thread: how far the window is walked, for splits (a split cuts
+        below what the walk has fetched, so no request is made twice)."""
+        created = page.created
+        with self._lock:
+            if created:
+                window.oldest_seen_ms = min(created)
+            window.walked_rows += len(created)
+
     def walked(
         self, window: WindowProgress, batch: list[WalkedPage]
     ) -> tuple[list[WalkedPage], bool]:
-        """The part of a walked batch inside the window, and whether the window ends with it.
-
-        One critical section: a split must see these rows as walked, or it would hand part
-        of them to a new window as well."""
+        """The part of a walked batch inside the window, and whether the window ends with it
+        (a split may have raised the window's floor after the walk fetched these pages)."""
         kept: list[WalkedPage] = []
         with self._lock:
             for page in batch:
@@ -190,9 +197,6 @@ class WindowScheduler:
                     ended = True  # the rest belongs to a split-off window
                 if page.state.to_ms is not None and page.state.to_ms < window.from_ms:
                     ended = True
-                if page.created:
-                    window.oldest_seen_ms = min(page.created)
-                window.walked_rows += page.count
                 self.rows_seen += page.count
                 kept.append(page)
                 if ended:
@@ -396,6 +400,7 @@ class BackfillRun:
             resume,
             floor=lambda: scheduler.floor(window),
             flush_rows=writer.sink.flush_rows,
+            on_page=lambda page: scheduler.fetched(window, page),
         )
         drain(
             stream,

@@ -76,13 +76,26 @@ def batch_stream(
     state: WalkState | None = None,
     floor: Callable[[], int | None] | None = None,
     flush_rows: int = BATCH_ROWS,
+    on_page: Callable[[WalkedPage], None] | None = None,
 ) -> Iterator[list[WalkedPage]]:
     """A listing's pages in batches (`batched`), grouped by the walking thread: the consumer
     is woken once a batch, not once a page, and the next batch is walked meanwhile. A batch
     never holds more rows than a flush (`flush_rows`), so flushes come as often as asked.
-    `floor` is the walk's lower createdAt bound, asked before every request (`walk_listing`)."""
+    `floor` is the walk's lower createdAt bound, asked before every request (`walk_listing`);
+    `on_page` sees each page on the walking thread, as soon as it is walked."""
     rows = min(BATCH_ROWS, flush_rows)
-    return prefetched(batched(walk_listing(client.list_sessions, listing, state, floor), rows))
+    pages = walk_listing(client.list_sessions, listing, state, floor)
+    if on_page is not None:
+        pages = _watched(pages, on_page)
+    return prefetched(batched(pages, rows))
+
+
+def _watched(
+    pages: Iterator[WalkedPage], on_page: Callable[[WalkedPage], None]
+) -> Iterator[WalkedPage]:
+    for page in pages:
+        on_page(page)
+        yield page
 
 
 def remove_unrecorded(output: Storage, run_id: str, recorded: Sequence[str]) -> int:
