@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from pipeline.dataset.layout import data_file_path
+from pipeline.errors import StorageError
+from pipeline.jobs.core import remove_unrecorded
 from pipeline.store.state import (
+    STATE_VERSION,
     BackfillState,
     Checkpoint,
     Counters,
     RunProgress,
+    StateStore,
     WalkProgress,
     Window,
     WindowProgress,
 )
+from pipeline.store.storage import Storage
 
 OLD_CHECKPOINT = {
     "active_sessions": 3,
@@ -96,10 +104,6 @@ def test_an_old_backfill_state_loads_and_keeps_its_keys():
 
 
 def test_a_resume_removes_the_files_its_state_does_not_record(tmp_path):
-    from pipeline.dataset.layout import data_file_path
-    from pipeline.jobs.core import remove_unrecorded
-    from pipeline.store.storage import Storage
-
     output = Storage(str(tmp_path))
     recorded = data_file_path("2026-01-01", "r1-w0001", 0)
     unrecorded = data_file_path("2026-01-02", "r1-w0001", 1)  # flushed after the checkpoint
@@ -109,3 +113,10 @@ def test_a_resume_removes_the_files_its_state_does_not_record(tmp_path):
     assert remove_unrecorded(output, "r1", [recorded]) == 1
     assert output.read_bytes(unrecorded) is None
     assert output.read_bytes(recorded) and output.read_bytes(other_run)
+
+
+def test_a_checkpoint_of_a_newer_state_version_is_refused(tmp_path):
+    storage = Storage(str(tmp_path))
+    storage.write_bytes("checkpoint.json", json.dumps({"version": STATE_VERSION + 1}).encode())
+    with pytest.raises(StorageError, match="newer version"):
+        StateStore(storage).load()

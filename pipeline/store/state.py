@@ -4,8 +4,9 @@ Plain dataclasses, (de)serialised as JSON; `StateStore` and `BackfillStateStore`
 places that read or write them. Both jobs record a walk the same way (`WalkProgress`) and count
 with one value (`Counters`). The secret key is never part of the state.
 
-Loading ignores keys it does not know, so files written by other versions load: version 1
-files written before exact walks carry a `cursor`, which is dropped (that window restarts).
+Loading ignores keys it does not know, so files written by earlier versions load (version 1
+files written before exact walks carry a `cursor`, which is dropped: that window restarts);
+a checkpoint of a newer state version is refused.
 """
 
 from __future__ import annotations
@@ -183,6 +184,8 @@ class Checkpoint:
     @staticmethod
     def from_json(data: bytes) -> Checkpoint:
         raw = json.loads(data)
+        if raw.get("version", 1) > STATE_VERSION:
+            raise ValueError(f"state version {raw['version']}: written by a newer version")
         progress = raw.get("in_progress")
         known = known_fields(Checkpoint, raw)
         known["in_progress"] = None if progress is None else RunProgress.from_dict(progress)
