@@ -21,6 +21,7 @@ from pipeline.ops.metrics import (
     render,
     series_labels,
 )
+from pipeline.store.state import Counters
 from tests.conftest import ROOT, run_cli
 
 SECRET = "tr_prod_" + "SecretForTest123456"  # split: not a real key
@@ -106,7 +107,8 @@ def test_metrics_file_after_success_failure_and_a_busy_lock(emulator, tmp_path):
 
 
 def test_metrics_keep_other_environments_and_round_trip():
-    outcome = RunOutcome(sessions=5, files=2, requests=3, retries=1, rate_limited=4, seconds=1.5)
+    counts = Counters(rows=5, requests=3, retries=1, rate_limited=4)
+    outcome = RunOutcome(counts, files=2, seconds=1.5)
     samples = after_success({}, series_labels("prod"), outcome, 1_800_000_000.0)
     samples = after_failure(samples, series_labels("dev"), 4, 1_800_000_100.0)
     text = render(samples)

@@ -6,7 +6,6 @@ import fcntl
 import os
 from pathlib import Path
 
-from pipeline.jobs.backfill import BackfillState, WindowProgress
 from pipeline.ops.state_view import (
     WINDOWS_LISTED,
     BackfillView,
@@ -20,7 +19,16 @@ from pipeline.ops.state_view import (
     utc,
 )
 from pipeline.store.lock import lock_holder
-from pipeline.store.state import Checkpoint, RunProgress, StateStore, Window
+from pipeline.store.state import (
+    BackfillState,
+    Checkpoint,
+    Counters,
+    RunProgress,
+    StateStore,
+    WalkProgress,
+    Window,
+    WindowProgress,
+)
 from pipeline.store.storage import Storage
 
 NOW = 1_796_489_775_967  # 2026-12-05 16:56:15.967 UTC
@@ -60,11 +68,12 @@ def test_an_empty_state_says_the_next_run_exports_everything():
     assert "active session" not in text
 
 
-def _progress(**changes) -> RunProgress:
-    base = dict(run_id="20261205T165000Z-def456", mode="incremental",
-                window=Window(NOW - 60 * MINUTE, None), filters={"type": "chat.agent"},
-                started_at_ms=NOW - 6 * MINUTE, walk={"to_ms": NOW - 20 * MINUTE}, rows=1200)
-    return RunProgress(**{**base, **changes})
+def _progress(walk: dict | None = {"to_ms": NOW - 20 * MINUTE},  # noqa: B006 - never mutated
+              walk_complete: bool = False) -> RunProgress:
+    return RunProgress(run_id="20261205T165000Z-def456", mode="incremental",
+                       window=Window(NOW - 60 * MINUTE, None), filters={"type": "chat.agent"},
+                       started_at_ms=NOW - 6 * MINUTE,
+                       walked=WalkProgress(walk, walk_complete, counts=Counters(rows=1200)))
 
 
 def test_an_interrupted_run_shows_its_listing_bound_and_rows():
@@ -105,8 +114,8 @@ def test_a_backfill_shows_its_range_and_the_windows_left():
 def test_backfill_view_keeps_the_unwalked_part_of_each_open_window():
     state = BackfillState(
         key="k", run_id="r", since_ms=0, until_ms=3999, filters={}, started_at_ms=5,
-        windows=[WindowProgress(0, 0, 1999, oldest_seen_ms=1500, rows=7),
-                 WindowProgress(1, 2000, 3999, done=True, rows=9)],
+        windows=[WindowProgress(0, 0, 1999, WalkProgress(counts=Counters(rows=7)), oldest_seen_ms=1500),
+                 WindowProgress(1, 2000, 3999, WalkProgress(complete=True, counts=Counters(rows=9)))],
         next_wid=2)
     view = backfill_view(state)
     assert view.windows_left == ((0, 1500),) and view.rows == 16 and view.windows == 2

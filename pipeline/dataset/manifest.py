@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
+from pipeline.store.state import Counters
 from pipeline.store.storage import Storage
 
 RUNS_DIR = "_runs"
 
 
+MANIFEST_COUNTERS = ("rows", "pages", "requests", "retries", "rate_limited")
+
+
 @dataclass(frozen=True)
 class RunManifest:
+    """A finished run: its window, filters, times, counters (`MANIFEST_COUNTERS` at the top
+    level; the rest in `extra`) and the files it wrote."""
+
     run_id: str
     mode: str
     window_from: str | None
@@ -20,11 +28,7 @@ class RunManifest:
     started_at: str | None
     finished_at: str | None
     seconds: float
-    rows: int
-    pages: int
-    requests: int
-    retries: int
-    rate_limited: int
+    counts: Counters
     resumed: int
     files: list[str]
     partitions: list[str]
@@ -35,8 +39,27 @@ class RunManifest:
     def path(self) -> str:
         return f"{RUNS_DIR}/{self.run_id}.json"
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "mode": self.mode,
+            "window_from": self.window_from,
+            "window_to": self.window_to,
+            "filters": self.filters,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "seconds": self.seconds,
+            **self.counts.only(MANIFEST_COUNTERS),
+            "resumed": self.resumed,
+            "files": self.files,
+            "partitions": self.partitions,
+            "high_water": self.high_water,
+            "extra": self.extra,
+            "branch": self.branch,
+        }
+
     def write(self, storage: Storage) -> None:
-        storage.write_bytes(self.path(), json.dumps(asdict(self), indent=2).encode())
+        storage.write_bytes(self.path(), json.dumps(self.to_dict(), indent=2).encode())
 
 
 def read_manifests(storage: Storage) -> list[dict[str, object]]:

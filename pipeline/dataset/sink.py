@@ -7,7 +7,7 @@ Each file is written whole, then made visible atomically by the storage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,12 +22,20 @@ BATCH_ROWS = 2000  # buffered pages are joined into batches of about this many r
 ROW_GROUP_ROWS = 8192  # bounds the Parquet writer's buffers: peak memory stays flat with file size
 
 
-@dataclass(frozen=True)
-class WrittenFile:
-    path: str
-    partition: str
-    rows: int
-    bytes: int
+class Sink(Protocol):
+    """Where a job's rows go: buffered by `add`, written by `flush` when `should_flush` says
+    so (or at the end). `FlushingWriter` drives it and checkpoints after each flush."""
+
+    flush_rows: int  # rows buffered before a flush is due
+
+    def add(self, table: pa.Table) -> None: ...
+
+    def should_flush(self) -> bool: ...
+
+    def flush(self, seq: int) -> list[str]:
+        """Write what is buffered as flush number `seq` (the same `seq` again rewrites the
+        same files); the paths written, none when nothing was buffered."""
+        ...
 
 
 def use_lean_memory_pool() -> None:
@@ -115,7 +123,7 @@ class ParquetSink:
     def should_flush(self) -> bool:
         return self.pending_rows >= self.flush_rows or self.pending_bytes >= self.flush_bytes
 
-    def flush(self, seq: int) -> list[WrittenFile]:
+    def flush(self, seq: int) -> list[str]:
         """Write what is buffered as flush number `seq`; empty buffer writes nothing."""
         self._join_recent()
         if not self._tables:
@@ -126,6 +134,6 @@ class ParquetSink:
         written = []
         for day, part in split_by_day(table):
             path = data_file_path(day, self.run_id, seq)
-            size = write_parquet(self.storage, path, part)
-            written.append(WrittenFile(path, day, part.num_rows, size))
+            write_parquet(self.storage, path, part)
+            written.append(path)
         return written

@@ -22,19 +22,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.api.client import PAGE_SIZE, TriggerClient
+from pipeline.api.walker import WalkedPage
 from pipeline.dataset.layout import day_of, file_rows, files_by_partition, version_keys
 from pipeline.jobs.core import (
     FlushingWriter,
     KnownVersions,
-    Prepared,
     RowPreparer,
     Rows,
     batch_stream,
+    drain,
     listing_for,
-    page_stream,
     wall_clock_ms,
 )
-from pipeline.store.state import ACTIVE_SCHEMA, ActiveSetBuilder, Window
+from pipeline.store.state import ACTIVE_SCHEMA, ActiveSetBuilder, Counters, Window
 from pipeline.store.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,18 @@ log = logging.getLogger(__name__)
 Session = dict[str, Any]
 
 
-@dataclass
+@dataclass(frozen=True)
 class PartCost:
-    """What one part of a run cost and wrote (for the manifest)."""
+    """What one part of a run cost and wrote (for the manifest), read off the writer."""
 
-    pages: int = 0
-    single_fetches: int = 0
-    rows: int = 0
-    unchanged: int = 0
+    counts: Counters = Counters()
     strategy: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {**self.counts.only(PART_COUNTERS), "strategy": self.strategy}
+
+
+PART_COUNTERS = ("pages", "single_fetches", "rows", "unchanged")
 
 
 def active_rows(table: pa.Table) -> pa.Table:
@@ -92,6 +95,8 @@ def active_keys(active: pa.Table) -> pa.Array:
 
 
 class ChangeCapture:
+    """Parts 2 and 3 of a run: the ACTIVE listing, then the sessions that left the set."""
+
     def __init__(
         self,
         client: TriggerClient,
@@ -132,13 +137,18 @@ class ChangeCapture:
         run_id: str,
         active: ActiveSetBuilder,
     ) -> None:
-        cost = self.costs["active"]
+        before = writer.counts
         listing = listing_for(Window(None, None), {**filters, "status": "ACTIVE"})
-        for batch in batch_stream(self.client, listing, flush_rows=writer.sink.flush_rows):
-            cost.pages += len(batch)
-            writer.page(len(batch))
-            prepared = self._write(writer, Rows.of_pages(batch), run_id, known, cost)
-            active.add(active_rows(prepared.listed))
+        drain(
+            batch_stream(self.client, listing, flush_rows=writer.sink.flush_rows),
+            self.rows,
+            writer,
+            run_id,
+            known,
+            resumable=False,  # these listings are redone whole after an interruption
+            on_prepared=lambda prepared: active.add(active_rows(prepared.listed)),
+        )
+        self.costs["active"] = PartCost(writer.counts - before)
 
         now_live = pq.read_table(active.finish(), columns=["id"])["id"]
         gone = pc.invert(pc.is_in(self.previous["id"], value_set=now_live))
@@ -161,49 +171,44 @@ class ChangeCapture:
         known: KnownVersions,
     ) -> None:
         """Final state of sessions that left the active set: closed or expired since."""
-        cost = self.costs["departed"]
+        before = writer.counts
         low = pc.min(departed["created_ms"]).as_py()
         high = pc.max(departed["created_ms"]).as_py()
         estimated_pages = 2 * math.ceil(self._stored_rows(low, high) / PAGE_SIZE)
         remaining = set(departed["id"].to_pylist())
+        strategy = "get each"
         if estimated_pages < len(remaining):
-            cost.strategy = "list CLOSED and EXPIRED"
+            strategy = "list CLOSED and EXPIRED"
             for status in ("CLOSED", "EXPIRED"):
                 listing = listing_for(Window(low, high), {**filters, "status": status})
-                for page in page_stream(self.client, listing):
-                    cost.pages += 1
-                    writer.page()
-                    mine = page.only(remaining)
-                    remaining.difference_update(mine.ids)
-                    if mine.count:
-                        self._write(writer, Rows.of_pages([mine]), run_id, known, cost)
-        else:
-            cost.strategy = "get each"
+                stream = batch_stream(self.client, listing, flush_rows=writer.sink.flush_rows)
+                drain(
+                    stream,
+                    self.rows,
+                    writer,
+                    run_id,
+                    known,
+                    resumable=False,
+                    narrow=lambda batch: (_departed_rows(batch, remaining), False),
+                )
         if remaining:
-            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-                found = list(pool.map(self.client.get_session, sorted(remaining)))
-            cost.single_fetches += len(remaining)
-            sessions = [s for s in found if s is not None]
-            received = wall_clock_ms()
-            if sessions:
-                rows = Rows.of_sessions(sessions, received, listed=False)
-                self._write(writer, rows, run_id, known, cost)
+            self._get_each(writer, sorted(remaining), run_id, known)
+        self.costs["departed"] = PartCost(writer.counts - before, strategy)
 
-    def _write(
-        self,
-        writer: FlushingWriter,
-        rows: Rows,
-        run_id: str,
-        known: KnownVersions,
-        cost: PartCost,
-    ) -> Prepared:
-        """Write the sessions whose version is not held yet (`known` learns them)."""
-        prepared = self.rows.prepare(rows, run_id, known)
-        cost.unchanged += prepared.unchanged
-        cost.rows += prepared.written.num_rows
-        writer.add(prepared.written, prepared.unchanged)
-        writer.commit_if_due(None)  # these listings are redone whole after an interruption
-        return prepared
+    def _get_each(
+        self, writer: FlushingWriter, ids: list[str], run_id: str, known: KnownVersions
+    ) -> None:
+        """Read sessions one by one (a GET each) and write their versions not held yet."""
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            found = list(pool.map(self.client.get_session, ids))
+        sessions = [s for s in found if s is not None]
+        if sessions:
+            rows = Rows.of_sessions(sessions, wall_clock_ms(), listed=False)
+            prepared = self.rows.prepare(rows, run_id, known)
+            writer.add(prepared.written, unchanged=prepared.unchanged, fetches=len(ids))
+        else:
+            writer.add(None, fetches=len(ids))
+        writer.commit_if_due(None)
 
     def _stored_rows(self, low_ms: int, high_ms: int) -> int:
         """Rows the dataset holds in the partitions of a createdAt span (file footers only)."""
@@ -213,3 +218,13 @@ class ChangeCapture:
             if first <= day <= last:
                 total += sum(file_rows(self.output, f.path) for f in files)
         return total
+
+
+def _departed_rows(batch: list[WalkedPage], remaining: set[str]) -> list[WalkedPage]:
+    """The rows of departed sessions not read yet (`remaining` forgets them)."""
+    mine = []
+    for page in batch:
+        kept = page.only(remaining)
+        remaining.difference_update(kept.ids)
+        mine.append(kept)
+    return mine

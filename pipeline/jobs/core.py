@@ -1,12 +1,13 @@
 """The job core: what `run`, `backfill` and change capture share.
 
 ```
-listing (filters, window) ─► page_stream (exact keyset walk, loop guard, prefetch)
+listing (filters, window) ─► batch_stream (exact keyset walk, loop guard, prefetch)
    ─► RowPreparer (versions already held are skipped, triggerConfig filled, flattened)
    ─► FlushingWriter (sink, counters, progress, checkpoint hook) ─► finish_report
 ```
 
-A job is a short plan over these pieces: which listings, which checkpoint, how many at once.
+`drain` is the one loop over these pieces. A job is a short plan around it: which listings,
+which checkpoint, how many at once.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ from pipeline.dataset.flatten import (
     flatten_listed,
     flatten_sessions,
 )
-from pipeline.dataset.layout import partition_of, version_keys
+from pipeline.dataset.layout import classify_files, partition_of, version_keys, written_by
 from pipeline.dataset.manifest import RunManifest
-from pipeline.dataset.sink import ParquetSink
-from pipeline.dataset.versions import StoredVersions
+from pipeline.dataset.sink import Sink
+from pipeline.dataset.versions import KEY_BUDGET, StoredVersions
 from pipeline.errors import ApiError
 from pipeline.jobs.enrich import TriggerConfigFiller
-from pipeline.store.state import Window
+from pipeline.store.state import Counters, Window
 from pipeline.store.storage import Storage
 from pipeline.timestamps import MS_PER_DAY, iso_ms
 
@@ -64,27 +65,50 @@ def listing_for(window: Window, filters: dict[str, str]) -> Listing:
     return Listing(params, window.from_ms, window.to_ms)
 
 
-def page_stream(
-    client: TriggerClient,
-    listing: Listing,
-    state: WalkState | None = None,
-    floor: Callable[[], int | None] | None = None,
-) -> Iterator[WalkedPage]:
-    """Every listing's pages: the exact walk, its loop guard, the next request in flight."""
-    return prefetched(walk_listing(client.list_sessions, listing, state, floor))
-
-
 def batch_stream(
     client: TriggerClient,
     listing: Listing,
     state: WalkState | None = None,
+    floor: Callable[[], int | None] | None = None,
     flush_rows: int = BATCH_ROWS,
+    on_page: Callable[[WalkedPage], None] | None = None,
 ) -> Iterator[list[WalkedPage]]:
     """A listing's pages in batches (`batched`), grouped by the walking thread: the consumer
     is woken once a batch, not once a page, and the next batch is walked meanwhile. A batch
-    never holds more rows than a flush (`flush_rows`), so flushes come as often as asked."""
+    never holds more rows than a flush (`flush_rows`), so flushes come as often as asked.
+    `floor` is the walk's lower createdAt bound, asked before every request (`walk_listing`);
+    `on_page` sees each page on the walking thread, as soon as it is walked."""
     rows = min(BATCH_ROWS, flush_rows)
-    return prefetched(batched(walk_listing(client.list_sessions, listing, state), rows))
+    pages = walk_listing(client.list_sessions, listing, state, floor)
+    if on_page is not None:
+        pages = _watched(pages, on_page)
+    return prefetched(batched(pages, rows))
+
+
+def _watched(
+    pages: Iterator[WalkedPage], on_page: Callable[[WalkedPage], None]
+) -> Iterator[WalkedPage]:
+    for page in pages:
+        on_page(page)
+        yield page
+
+
+def remove_unrecorded(output: Storage, run_id: str, recorded: Sequence[str]) -> int:
+    """Delete the data files of `run_id` that its state does not record: flushes of an
+    interrupted attempt made after its last checkpoint. The resumed run redoes them, and may
+    redo them with other rows (a backfill window split meanwhile, a changed ACTIVE listing),
+    so a file left from the first attempt could hold rows written again elsewhere."""
+    known = set(recorded)
+    stale = [
+        data_file.path
+        for data_file in classify_files(output)[0]
+        if written_by(data_file.path, run_id) and data_file.path not in known
+    ]
+    for path in stale:
+        output.delete(path)
+    if stale:
+        log.info("removed %d files of run %s written after its last checkpoint", len(stale), run_id)
+    return len(stale)
 
 
 # -- which versions are held already ---------------------------------------------------------
@@ -104,10 +128,14 @@ class KnownVersions:
         self._held: set[str] = set()
 
     @classmethod
-    def stored(cls, storage: Storage, window: Window, skip_run: str) -> KnownVersions:
+    def stored(
+        cls, storage: Storage, window: Window, skip_run: str, share: int = 1
+    ) -> KnownVersions:
         """Versions stored in the partitions `window` touches, except the files of `skip_run`
-        (a resumed run rewrites those under the same names, so their rows must be written)."""
-        return cls(StoredVersions(storage, window.from_ms, window.to_ms, skip_run))
+        (a resumed run rewrites those under the same names, so their rows must be written).
+        `share`: how many walks hold such an index at once (they split the memory budget)."""
+        budget = KEY_BUDGET // max(1, share)
+        return cls(StoredVersions(storage, window.from_ms, window.to_ms, skip_run, budget))
 
     def add(self, keys: pa.Array | pa.ChunkedArray) -> None:
         self._held.update(keys.to_pylist())
@@ -258,18 +286,20 @@ def _runs_of(received: Extracted, kept: list[bool] | None) -> Extracted:
 # -- the flushing writer ------------------------------------------------------------------------
 
 
+def request_counts(stats: RequestStats | None) -> Counters:
+    """The client's request counters so far (none without a client)."""
+    if stats is None:
+        return Counters()
+    return Counters(requests=stats.requests, retries=stats.retries, rate_limited=stats.rate_limited)
+
+
 @dataclass(frozen=True)
 class Flushed:
-    """What one flush wrote, and what the job did since the flush before."""
+    """What one flush wrote (`files`), and what the job did since the flush before."""
 
     seq: int
     files: tuple[str, ...]
-    rows: int
-    unchanged: int
-    pages: int
-    requests: int
-    retries: int
-    rate_limited: int
+    counts: Counters
 
 
 # Saves where the job stands after a flush; the walk's state is None once nothing is left.
@@ -279,11 +309,14 @@ CheckpointHook = Callable[[Flushed, WalkState | None], None]
 class FlushingWriter:
     """The sink with its counters, progress and checkpoint hook: a commit writes the files,
     then hands a `Flushed` and the walk's state to the hook (files first, checkpoint after:
-    a kill between the two redoes the flush under the same file names)."""
+    a kill between the two redoes the flush under the same file names).
+
+    The one place a job counts: rows, unchanged versions, pages and single fetches as they
+    are added, the client's requests (`stats`) between flushes."""
 
     def __init__(
         self,
-        sink: ParquetSink,
+        sink: Sink,
         checkpoint: CheckpointHook,
         first_seq: int = 0,
         stats: RequestStats | None = None,
@@ -294,27 +327,29 @@ class FlushingWriter:
         self.seq = first_seq
         self.stats = stats
         self.on_rows = on_rows  # (pages, rows) since the writer started, for a progress display
-        self.pages = self.rows = self.unchanged = 0
-        self.total_pages = self.total_rows = 0
-        self._base = self._request_counts()
+        self._added = Counters()  # since the writer started
+        self._at_flush = Counters()  # `counts` at the last flush
+        self._requests_at_start = request_counts(stats)
 
-    def _request_counts(self) -> tuple[int, int, int]:
-        if self.stats is None:
-            return 0, 0, 0
-        return self.stats.requests, self.stats.retries, self.stats.rate_limited
+    @property
+    def counts(self) -> Counters:
+        """What the job did since the writer started."""
+        return self._added + (request_counts(self.stats) - self._requests_at_start)
 
-    def page(self, count: int = 1) -> None:
-        """`count` more pages walked."""
-        self.pages += count
-        self.total_pages += count
-
-    def add(self, table: pa.Table, unchanged: int = 0) -> None:
-        self.sink.add(table)
-        self.rows += table.num_rows
-        self.total_rows += table.num_rows
-        self.unchanged += unchanged
+    def add(
+        self, table: pa.Table | None, *, unchanged: int = 0, pages: int = 0, fetches: int = 0
+    ) -> None:
+        """Buffer `table` (the versions to write) and count what it took: `unchanged`
+        versions skipped, `pages` walked, sessions read one by one (`fetches`)."""
+        rows = 0
+        if table is not None:
+            self.sink.add(table)
+            rows = table.num_rows
+        self._added = self._added + Counters(
+            rows=rows, unchanged=unchanged, pages=pages, single_fetches=fetches
+        )
         if self.on_rows is not None:
-            self.on_rows(self.total_pages, self.total_rows)
+            self.on_rows(self._added.pages, self._added.rows)
 
     def commit_if_due(self, walk: WalkState | None) -> None:
         if self.sink.should_flush():
@@ -322,22 +357,71 @@ class FlushingWriter:
 
     def commit(self, walk: WalkState | None) -> None:
         """Flush what is buffered, then checkpoint `walk` (None: nothing is left to walk)."""
-        written = self.sink.flush(self.seq)
-        counts = self._request_counts()
-        flushed = Flushed(
-            seq=self.seq,
-            files=tuple(f.path for f in written),
-            rows=self.rows,
-            unchanged=self.unchanged,
-            pages=self.pages,
-            requests=counts[0] - self._base[0],
-            retries=counts[1] - self._base[1],
-            rate_limited=counts[2] - self._base[2],
-        )
+        files = tuple(self.sink.flush(self.seq))
+        counts = self.counts
+        flushed = Flushed(self.seq, files, counts - self._at_flush)
         self.seq += 1
-        self.pages = self.rows = self.unchanged = 0
-        self._base = counts
+        self._at_flush = counts
         self.checkpoint(flushed, walk)
+
+
+# -- the drive loop -----------------------------------------------------------------------------
+
+# What part of a batch a walk keeps, and whether the walk ends with it (a backfill window
+# split off its lower part)
+Narrow = Callable[[list[WalkedPage]], tuple[list[WalkedPage], bool]]
+
+
+def drain(
+    batches: Iterator[list[WalkedPage]],
+    preparer: RowPreparer,
+    writer: FlushingWriter,
+    run_id: str,
+    known: KnownVersions | None,
+    *,
+    resumable: bool,
+    remember: bool = True,
+    narrow: Narrow | None = None,
+    stopped: Callable[[], bool] | None = None,
+    on_prepared: Callable[[Prepared], None] | None = None,
+) -> None:
+    """Write a walk's batches: prepare each (versions `known` holds are skipped; `remember`:
+    it learns the ones written), add it to `writer`, and commit when a flush is due.
+
+    `resumable`: each commit checkpoints the walk's state and the walk's end is committed
+    (None), so a restart resumes inside the walk; else commits carry no state (the listing
+    is redone whole). `narrow` trims a batch and may end the walk; `stopped` abandons it
+    without a commit; `on_prepared` sees every prepared batch (the job's bookkeeping).
+    """
+    try:
+        for batch in batches:
+            if stopped is not None and stopped():
+                return
+            ended = False
+            if narrow is not None:
+                batch, ended = narrow(batch)
+            if any(page.count for page in batch):
+                prepared = preparer.prepare(
+                    Rows.of_pages(batch), run_id, known, remember=remember
+                )
+                if on_prepared is not None:
+                    on_prepared(prepared)
+                writer.add(prepared.written, unchanged=prepared.unchanged, pages=len(batch))
+            else:
+                writer.add(None, pages=len(batch))
+            state = batch[-1].state if batch else None
+            if ended or state is None or state.done:
+                if resumable:
+                    writer.commit(None)
+                    return
+                state = None
+            writer.commit_if_due(state if resumable else None)
+        if resumable:
+            writer.commit(None)  # the walk ended below its floor
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -345,20 +429,44 @@ class FlushingWriter:
 
 @dataclass(frozen=True)
 class RunSummary:
+    """A finished run: what it wrote and cost (`counts`), and where."""
+
     run_id: str
     mode: str
     window: Window
-    rows: int
-    unchanged: int
-    pages: int
-    requests: int
-    retries: int
-    rate_limited: int
+    counts: Counters
     files: int
     partitions: int
     seconds: float
     resumed: bool
-    single_fetches: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.counts.rows
+
+    @property
+    def unchanged(self) -> int:
+        return self.counts.unchanged
+
+    @property
+    def pages(self) -> int:
+        return self.counts.pages
+
+    @property
+    def requests(self) -> int:
+        return self.counts.requests
+
+    @property
+    def retries(self) -> int:
+        return self.counts.retries
+
+    @property
+    def rate_limited(self) -> int:
+        return self.counts.rate_limited
+
+    @property
+    def single_fetches(self) -> int:
+        return self.counts.single_fetches
 
     def line(self) -> str:
         window = f"{iso_ms(self.window.from_ms) or 'beginning'} .. {iso_ms(self.window.to_ms)}"
@@ -372,19 +480,6 @@ class RunSummary:
         )
 
 
-@dataclass(frozen=True)
-class RunTotals:
-    """A finished run's counters, whichever job ran."""
-
-    rows: int
-    unchanged: int
-    pages: int
-    requests: int
-    retries: int
-    rate_limited: int
-    single_fetches: int
-
-
 def finish_report(
     output: Storage,
     *,
@@ -394,7 +489,7 @@ def finish_report(
     filters: dict[str, str],
     started_at_ms: int,
     finished_ms: int,
-    totals: RunTotals,
+    totals: Counters,
     files: list[str],
     resumed: int,
     high_water_ms: int | None,
@@ -413,11 +508,7 @@ def finish_report(
         started_at=iso_ms(started_at_ms),
         finished_at=iso_ms(finished_ms),
         seconds=round((finished_ms - started_at_ms) / 1000, 3),
-        rows=totals.rows,
-        pages=totals.pages,
-        requests=totals.requests,
-        retries=totals.retries,
-        rate_limited=totals.rate_limited,
+        counts=totals,
         resumed=resumed,
         files=files,
         partitions=partitions,
@@ -429,15 +520,9 @@ def finish_report(
         run_id=run_id,
         mode=mode,
         window=window,
-        rows=totals.rows,
-        unchanged=totals.unchanged,
-        pages=totals.pages,
-        requests=totals.requests,
-        retries=totals.retries,
-        rate_limited=totals.rate_limited,
+        counts=totals,
         files=len(files),
         partitions=len(partitions),
         seconds=seconds,
         resumed=bool(resumed),
-        single_fetches=totals.single_fetches,
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,13 +31,13 @@ from pipeline.jobs.core import (
     KnownVersions,
     Prepared,
     RowPreparer,
-    Rows,
     RunSummary,
-    RunTotals,
     batch_stream,
+    drain,
     finish_report,
     listing_for,
     new_run_id,
+    remove_unrecorded,
     wall_clock_ms,
 )
 from pipeline.jobs.enrich import TriggerConfigFiller
@@ -46,6 +46,7 @@ from pipeline.store.state import (
     ACTIVE_SCHEMA,
     ActiveSetBuilder,
     Checkpoint,
+    Counters,
     RunProgress,
     StateStore,
     Window,
@@ -79,6 +80,37 @@ def plan_window(checkpoint: Checkpoint, now_ms: int, reread_ms: int, full: bool)
     return Window(max(1, checkpoint.high_water_ms - reread_ms), now_ms)
 
 
+@dataclass
+class RunContext:
+    """One execution of a run: the checkpoint it started from, its progress (folded after
+    every flush), and what the window walk collects for parts 2 and 3."""
+
+    checkpoint: Checkpoint
+    progress: RunProgress
+    resumed: bool  # this execution continues an interrupted run
+    captures_changes: bool  # parts 2 and 3 run (no status filter, active set tracked)
+    filler: TriggerConfigFiller | None
+    preparer: RowPreparer
+    previous_active: pa.Table  # the sessions ACTIVE at the last run
+    part: str = "window"  # which part is walked, for the progress display
+    window_cost: PartCost = PartCost()
+    max_created: int | None = None
+    live: ActiveSetBuilder = field(default_factory=ActiveSetBuilder)  # met by the window walk
+    # versions the window walk met of sessions parts 2 and 3 may meet again (live now,
+    # or live at the last run): bounded by the active set, unlike all the run's versions
+    met_keys: list[pa.Array] = field(default_factory=list)
+
+    @property
+    def whole_history(self) -> bool:
+        """A fresh walk of every createdAt: it meets every live session as it is now."""
+        return self.progress.window.from_ms is None and self.progress.walked.walk is None
+
+    def close(self) -> None:
+        self.live.discard()
+        if self.filler is not None:
+            self.filler.close()
+
+
 class IncrementalRun:
     """`sessions-export run`: resume an interrupted run, else export what is new or changed."""
 
@@ -99,154 +131,162 @@ class IncrementalRun:
         self.options = options
         self.clock = clock
         self.on_progress = on_progress
-        self.window_cost = PartCost()
-        self.filler: TriggerConfigFiller | None = None
-        self.rows = RowPreparer(None)
-        # versions the window walk met of sessions parts 2 and 3 may meet again (live now,
-        # or live at the last run): bounded by the active set, unlike all the run's versions
-        self._met_keys: list[pa.Array] = []
-        self._live = ActiveSetBuilder()  # live sessions the window walk met
-        self._previous_active = ACTIVE_SCHEMA.empty_table()
-        self._part = "window"
-        self._max_created: int | None = None
-        self.progress: RunProgress | None = None
-        self.checkpoint = Checkpoint()
 
     def execute(self) -> RunSummary:
         with self.state.lock(lock_holder()):
-            return self._execute()
+            started = time.monotonic()
+            run = self._context(self.state.load())
+            active: ActiveSetBuilder | None = None
+            try:
+                capture, active = self._walk(run)
+                return self._finish(run, active, capture, time.monotonic() - started)
+            finally:
+                run.close()
+                if active is not None:
+                    active.discard()
 
-    def _execute(self) -> RunSummary:
-        started = time.monotonic()
-        checkpoint = self.checkpoint = self.state.load()
+    def _context(self, checkpoint: Checkpoint) -> RunContext:
         progress = checkpoint.in_progress
         resumed = progress is not None and progress.mode == self.mode
         if progress is not None and resumed:
-            log.info(
-                "resuming run %s after flush %d (%d sessions so far)",
-                progress.run_id,
-                progress.flush_seq,
-                progress.rows,
-            )
-            if progress.filters != self.options.filters:
-                log.warning(
-                    "the interrupted run used filters %s; finishing it with those", progress.filters
-                )
-            progress = replace(progress, resumed=progress.resumed + 1)
+            progress = self._resume(progress)
+            remove_unrecorded(self.output, progress.run_id, progress.walked.files)
         else:
-            now = self.clock()
-            reread = max(self.options.lookback_ms, self.options.rescan_ms)
-            window = plan_window(checkpoint, now, reread, self.options.full_refresh)
-            progress = RunProgress(
-                run_id=new_run_id(now),
-                mode=self.mode,
-                window=window,
-                filters=dict(self.options.filters),
-                started_at_ms=now,
-            )
-            log.info(
-                "starting run %s for sessions created %s .. %s",
-                progress.run_id,
-                iso_ms(window.from_ms) or "at any time",
-                iso_ms(window.to_ms),
-            )
-        self.progress = progress
-        self._max_created = progress.max_created_ms
+            progress = self._start(checkpoint)
+        captures = self.options.track_active and "status" not in progress.filters
+        filler = None
         if self.options.enrich_trigger_config:
-            self.filler = TriggerConfigFiller(self.client, self.options.enrich_concurrency)
-        self.rows = RowPreparer(self.filler)
-        if self._captures_changes(progress):
-            self._previous_active = self.state.load_active()
-        start_pages, start_rows = progress.pages, progress.rows
+            filler = TriggerConfigFiller(self.client, self.options.enrich_concurrency)
+        return RunContext(
+            checkpoint=checkpoint,
+            progress=progress,
+            resumed=resumed,
+            captures_changes=captures,
+            filler=filler,
+            preparer=RowPreparer(filler),
+            previous_active=(
+                self.state.load_active() if captures else ACTIVE_SCHEMA.empty_table()
+            ),
+            max_created=progress.max_created_ms,
+        )
+
+    def _resume(self, progress: RunProgress) -> RunProgress:
+        log.info(
+            "resuming run %s after flush %d (%d sessions so far)",
+            progress.run_id,
+            progress.walked.flush_seq,
+            progress.walked.counts.rows,
+        )
+        if progress.filters != self.options.filters:
+            log.warning(
+                "the interrupted run used filters %s; finishing it with those", progress.filters
+            )
+        return replace(progress, resumed=progress.resumed + 1)
+
+    def _start(self, checkpoint: Checkpoint) -> RunProgress:
+        now = self.clock()
+        reread = max(self.options.lookback_ms, self.options.rescan_ms)
+        window = plan_window(checkpoint, now, reread, self.options.full_refresh)
+        progress = RunProgress(
+            run_id=new_run_id(now),
+            mode=self.mode,
+            window=window,
+            filters=dict(self.options.filters),
+            started_at_ms=now,
+        )
+        log.info(
+            "starting run %s for sessions created %s .. %s",
+            progress.run_id,
+            iso_ms(window.from_ms) or "at any time",
+            iso_ms(window.to_ms),
+        )
+        return progress
+
+    def _walk(self, run: RunContext) -> tuple[ChangeCapture | None, ActiveSetBuilder | None]:
+        """The three parts; nothing is saved before the first flush (a run that fails early
+        leaves no trace). The new active set, if changes are captured."""
+        start = run.progress.walked.counts
         writer = FlushingWriter(
             ParquetSink(
-                self.output, progress.run_id, self.options.flush_rows, self.options.flush_bytes
+                self.output, run.progress.run_id, self.options.flush_rows, self.options.flush_bytes
             ),
-            self._checkpoint,
-            first_seq=progress.flush_seq,
+            lambda flushed, walk: self._checkpoint(run, flushed, walk),
+            first_seq=run.progress.walked.flush_seq,
             stats=self.client.stats,
             on_rows=lambda pages, rows: self._report_progress(
-                start_pages + pages, start_rows + rows
+                run.part, start.pages + pages, start.rows + rows
             ),
         )
-        capture: ChangeCapture | None = None
-        active: ActiveSetBuilder | None = None
+        whole_history = run.whole_history
+        window_walked = not run.progress.walked.complete
+        if window_walked:
+            self._walk_window(run, writer)
+        if not run.captures_changes:
+            return None, None
+        if whole_history and window_walked:
+            # a walk of the whole history met every live session in its current state
+            writer.commit(None)
+            return None, run.live
+        run.part = "changes"
+        capture = ChangeCapture(
+            self.client,
+            self.output,
+            run.preparer,
+            run.previous_active,
+            self.options.enrich_concurrency,
+        )
+        active = capture.run(
+            writer, self._capture_known(run), run.progress.filters, run.progress.run_id
+        )
         try:
-            # nothing is saved before the first flush: a run that fails early leaves no trace
-            whole_history = progress.window.from_ms is None and progress.walk is None
-            if not progress.walk_complete:
-                self._walk_window(writer, whole_history)
-            if self._captures_changes(self.progress):
-                if whole_history and not progress.walk_complete:
-                    # a walk of the whole history met every live session in its current state
-                    active = self._live
-                else:
-                    self._part = "changes"
-                    capture = ChangeCapture(
-                        self.client,
-                        self.output,
-                        self.rows,
-                        self._previous_active,
-                        self.options.enrich_concurrency,
-                    )
-                    active = capture.run(
-                        writer, self._capture_known(), self.progress.filters, self.progress.run_id
-                    )
-                writer.commit(None)
-            return self._finish(active, capture, time.monotonic() - started, resumed)
-        finally:
-            self._live.discard()
-            if active is not None:
-                active.discard()
-            if self.filler is not None:
-                self.filler.close()
+            writer.commit(None)
+        except BaseException:
+            active.discard()
+            raise
+        return capture, active
 
-    def _captures_changes(self, progress: RunProgress) -> bool:
-        return self.options.track_active and "status" not in progress.filters
-
-    def _report_progress(self, pages: int, rows: int) -> None:
+    def _report_progress(self, part: str, pages: int, rows: int) -> None:
         if self.on_progress is not None:
-            self.on_progress(self._part, pages, rows, self.client.stats.requests)
+            self.on_progress(part, pages, rows, self.client.stats.requests)
 
     # -- part 1: the window ------------------------------------------------------------
 
-    def _walk_window(self, writer: FlushingWriter, whole_history: bool) -> None:
-        progress = self.progress
-        assert progress is not None
+    def _walk_window(self, run: RunContext, writer: FlushingWriter) -> None:
+        progress = run.progress
         # a re-read window (lookback, rescan, full refresh) writes only versions not stored yet
         known = KnownVersions.stored(self.output, progress.window, progress.run_id)
         now = self.clock()
-        capture = self._captures_changes(progress)
-        watched = set(self._previous_active["id"].to_pylist()) if capture else set()
-        resume = WalkState.from_dict(progress.walk) if progress.walk else None
-        cost = self.window_cost
-        listing = listing_for(progress.window, progress.filters)
-        for batch in batch_stream(self.client, listing, resume, self.options.flush_rows):
-            cost.pages += len(batch)
-            writer.page(len(batch))
-            # the keyset walk never returns a row twice, so `known` need not learn the window's
-            prepared = self.rows.prepare(
-                Rows.of_pages(batch), progress.run_id, known, remember=False
-            )
-            listed = prepared.listed
-            if listed.num_rows:
-                newest = pc.max(listed["created_at"]).value
-                self._max_created = max(self._max_created or newest, newest)
-            if capture and listed.num_rows:
-                live = live_mask(listed, now)
-                self._live.add(active_rows(listed.filter(live)))
-                if not whole_history:  # else parts 2 and 3 are skipped: no keys needed
-                    self._remember_met(prepared, live, watched)
-            cost.unchanged += prepared.unchanged
-            cost.rows += prepared.written.num_rows
-            writer.add(prepared.written, prepared.unchanged)
-            state = batch[-1].state
-            writer.commit_if_due(None if state.done else state)
-        assert self.progress is not None
-        if not self.progress.walk_complete:
-            writer.commit(None)
+        watched = set(run.previous_active["id"].to_pylist()) if run.captures_changes else set()
+        whole_history = run.whole_history
 
-    def _remember_met(self, prepared: Prepared, live: pa.Array, watched: set[str]) -> None:
+        def collect(prepared: Prepared) -> None:
+            listed = prepared.listed
+            newest = pc.max(listed["created_at"]).value
+            run.max_created = max(run.max_created or newest, newest)
+            if run.captures_changes:
+                live = live_mask(listed, now)
+                run.live.add(active_rows(listed.filter(live)))
+                if not whole_history:  # else parts 2 and 3 are skipped: no keys needed
+                    self._remember_met(run, prepared, live, watched)
+
+        before = writer.counts
+        resume = WalkState.from_dict(progress.walked.walk) if progress.walked.walk else None
+        listing = listing_for(progress.window, progress.filters)
+        drain(
+            batch_stream(self.client, listing, resume, flush_rows=self.options.flush_rows),
+            run.preparer,
+            writer,
+            progress.run_id,
+            known,
+            resumable=True,
+            remember=False,  # the keyset walk never returns a row twice
+            on_prepared=collect,
+        )
+        run.window_cost = PartCost(writer.counts - before)
+
+    def _remember_met(
+        self, run: RunContext, prepared: Prepared, live: pa.Array, watched: set[str]
+    ) -> None:
         """Versions of live or watched sessions, listed and written, for parts 2 and 3."""
         listed = prepared.listed
         ids = listed["id"].to_pylist()
@@ -254,19 +294,17 @@ class IncrementalRun:
         if not pc.any(met).as_py():
             return
         mine = listed.filter(met)
-        self._met_keys.append(version_keys(mine).combine_chunks())
+        run.met_keys.append(version_keys(mine).combine_chunks())
         written = prepared.written
         if written is not listed and written.num_rows:
             found = pc.is_in(written["id"], value_set=mine["id"].combine_chunks())
-            self._met_keys.append(version_keys(written.filter(found)).combine_chunks())
+            run.met_keys.append(version_keys(written.filter(found)).combine_chunks())
 
-    def _capture_known(self) -> KnownVersions:
-        progress = self.progress
-        assert progress is not None
-        keys = list(self._met_keys)
-        if progress.resumed:
+    def _capture_known(self, run: RunContext) -> KnownVersions:
+        keys = list(run.met_keys)
+        if run.progress.resumed:
             # versions this run wrote before it was interrupted (their keys were in memory)
-            for path in progress.files:
+            for path in run.progress.walked.files:
                 table = self.output.read_table(path, columns=["id", "updated_at"])
                 keys.append(version_keys(table).combine_chunks())
         known = KnownVersions()
@@ -276,32 +314,22 @@ class IncrementalRun:
 
     # -- the flushes -------------------------------------------------------------------
 
-    def _checkpoint(self, flushed: Flushed, walk: WalkState | None) -> None:
+    def _checkpoint(self, run: RunContext, flushed: Flushed, walk: WalkState | None) -> None:
         """Fold a flush into the progress; while the window is walked, save the checkpoint
         (parts 2 and 3 are redone whole after an interruption, so they save nothing)."""
-        progress = self.progress
-        assert progress is not None
-        saving = not progress.walk_complete
-        self.progress = progress.after_flush(
-            walk=None if walk is None else walk.to_dict(),
-            flush_seq=flushed.seq + 1,
-            walk_complete=walk is None,
-            rows=progress.rows + flushed.rows,
-            unchanged=progress.unchanged + flushed.unchanged,
-            pages=progress.pages + flushed.pages,
-            requests=progress.requests + flushed.requests,
-            retries=progress.retries + flushed.retries,
-            rate_limited=progress.rate_limited + flushed.rate_limited,
-            max_created_ms=self._max_created,
-            files=progress.files + flushed.files,
+        progress = run.progress
+        saving = not progress.walked.complete
+        walked = progress.walked.after_flush(
+            flushed.seq, flushed.files, flushed.counts, None if walk is None else walk.to_dict()
         )
+        run.progress = replace(progress, walked=walked, max_created_ms=run.max_created)
         if saving:
-            self.state.save(replace(self.checkpoint, in_progress=self.progress))
+            self.state.save(replace(run.checkpoint, in_progress=run.progress))
         log.info(
             "flush %d: %d files, %d sessions so far, walk at %s",
             flushed.seq,
             len(flushed.files),
-            self.progress.rows,
+            walked.counts.rows,
             "end" if walk is None else f"createdAt <= {iso_ms(walk.to_ms)}",
         )
 
@@ -309,21 +337,16 @@ class IncrementalRun:
 
     def _finish(
         self,
+        run: RunContext,
         active: ActiveSetBuilder | None,
         capture: ChangeCapture | None,
         seconds: float,
-        resumed: bool,
     ) -> RunSummary:
-        progress = self.progress
-        assert progress is not None
+        progress = run.progress
         finished = self.clock()
-        high_water = self.checkpoint.high_water_ms
+        high_water = run.checkpoint.high_water_ms
         if progress.max_created_ms is not None:
             high_water = max(high_water or 0, progress.max_created_ms)
-        fetches = self.filler.single_fetches if self.filler is not None else 0
-        costs = {"window": self.window_cost, "active": PartCost(), "departed": PartCost()}
-        costs.update(capture.costs if capture else {})
-        departed = capture.costs["departed"].single_fetches if capture else 0
         summary = finish_report(
             self.output,
             branch=self.client.branch,
@@ -333,26 +356,11 @@ class IncrementalRun:
             filters=progress.filters,
             started_at_ms=progress.started_at_ms,
             finished_ms=finished,
-            totals=RunTotals(
-                rows=progress.rows,
-                unchanged=progress.unchanged,
-                pages=progress.pages,
-                requests=progress.requests,
-                retries=progress.retries,
-                rate_limited=progress.rate_limited,
-                single_fetches=fetches + departed,
-            ),
-            files=list(progress.files),
+            totals=self._totals(run),
+            files=list(progress.walked.files),
             resumed=progress.resumed,
             high_water_ms=high_water,
-            extra={
-                "parts": {name: vars(cost) for name, cost in costs.items()},
-                "trigger_config": {
-                    "single_fetches": fetches,
-                    "newer_versions": self.filler.newer_versions if self.filler else 0,
-                },
-                "active_sessions": None if active is None else active.count,
-            },
+            extra=self._extra(run, active, capture),
             seconds=seconds,
         )
         if active is not None:
@@ -367,4 +375,25 @@ class IncrementalRun:
                 active_sessions=active.count if active is not None else 0,
             )
         )
-        return replace(summary, resumed=resumed)
+        return replace(summary, resumed=run.resumed)
+
+    def _totals(self, run: RunContext) -> Counters:
+        """The run's counters, with the triggerConfig fetches of this execution."""
+        fetches = run.filler.single_fetches if run.filler is not None else 0
+        return run.progress.walked.counts + Counters(single_fetches=fetches)
+
+    def _extra(
+        self, run: RunContext, active: ActiveSetBuilder | None, capture: ChangeCapture | None
+    ) -> dict[str, object]:
+        """The manifest's run-specific fields: each part's cost, the triggerConfig reads."""
+        costs = {"window": run.window_cost, "active": PartCost(), "departed": PartCost()}
+        costs.update(capture.costs if capture else {})
+        filler = run.filler
+        return {
+            "parts": {name: cost.to_dict() for name, cost in costs.items()},
+            "trigger_config": {
+                "single_fetches": filler.single_fetches if filler is not None else 0,
+                "newer_versions": filler.newer_versions if filler is not None else 0,
+            },
+            "active_sessions": None if active is None else active.count,
+        }

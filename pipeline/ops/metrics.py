@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ExitCode, ExportError
+from pipeline.store.state import Counters
 from pipeline.store.storage import Storage
 from pipeline.timestamps import iso_ms
 
@@ -62,13 +63,10 @@ Samples = dict[tuple[str, str], float]  # (metric, its labels as written) -> val
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """What a successful run reports."""
+    """What a successful run reports: its counters (`rows` are the sessions written)."""
 
-    sessions: int
+    counts: Counters
     files: int
-    requests: int
-    retries: int
-    rate_limited: int
     seconds: float
 
 
@@ -105,16 +103,16 @@ def after_success(samples: Samples, environment: str, outcome: RunOutcome, now_s
         "last_success_timestamp_seconds": now_s,
         "last_run_timestamp_seconds": now_s,
         "last_exit_code": 0,
-        "last_run_sessions": outcome.sessions,
+        "last_run_sessions": outcome.counts.rows,
         "last_run_files": outcome.files,
-        "last_run_requests": outcome.requests,
-        "last_run_retries": outcome.retries,
-        "last_run_rate_limited": outcome.rate_limited,
+        "last_run_requests": outcome.counts.requests,
+        "last_run_retries": outcome.counts.retries,
+        "last_run_rate_limited": outcome.counts.rate_limited,
         "last_run_duration_seconds": round(outcome.seconds, 3),
     }
     updated.update({(name, environment): float(v) for name, v in values.items()})
     _add(updated, "runs_total", environment, 1)
-    _add(updated, "sessions_total", environment, outcome.sessions)
+    _add(updated, "sessions_total", environment, outcome.counts.rows)
     _add(updated, "failures_total", environment, 0)
     return updated
 
@@ -187,8 +185,10 @@ def series_labels(environment: str | None, branch: str | None = None) -> str:
 def summary_fields(
     summary: Any, environment: str | None, branch: str | None = None
 ) -> dict[str, Any]:
-    """A run summary (dataclass) as flat JSON-able fields, the window as ISO times."""
+    """A run summary (dataclass) as flat JSON-able fields: its counters beside the others
+    (`rows` as `sessions`), the window as ISO times."""
     fields = dataclasses.asdict(summary)
+    fields.update(fields.pop("counts", None) or {})
     window = fields.pop("window", None) or {}
     fields["window_from"] = iso_ms(window.get("from_ms"))
     fields["window_to"] = iso_ms(window.get("to_ms"))
@@ -224,14 +224,7 @@ def record_success(
     path: str | None, environment: str | None, summary: Any, branch: str | None = None
 ) -> None:
     if path:
-        outcome = RunOutcome(
-            sessions=summary.rows,
-            files=summary.files,
-            requests=summary.requests,
-            retries=summary.retries,
-            rate_limited=summary.rate_limited,
-            seconds=summary.seconds,
-        )
+        outcome = RunOutcome(summary.counts, files=summary.files, seconds=summary.seconds)
         MetricsFile(path, environment, branch).success(outcome, time.time())
 
 

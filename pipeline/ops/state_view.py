@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.jobs.backfill import BackfillState
-from pipeline.store.state import LOCK_FILE, Checkpoint, StateStore
+from pipeline.store.state import LOCK_FILE, BackfillState, Checkpoint, StateStore
 from pipeline.store.storage import Storage
 
 _BACKFILL_STATE = re.compile(r"^backfill-([0-9a-f]+)\.json$")
@@ -100,7 +99,7 @@ def backfill_view(state: BackfillState, lock: LockView | None = None) -> Backfil
         complete=state.complete,
         windows=len(state.windows),
         windows_left=left,
-        rows=sum(w.rows for w in state.windows),
+        rows=sum(w.walked.counts.rows for w in state.windows),
         lock=lock,
     )
 
@@ -273,14 +272,14 @@ def _run_lines(view: StateView) -> list[str]:
     if progress.filters:
         listing += f" with {_filters(progress.filters)}"
     lines.append(f"    listing: {listing}")
-    bound = (progress.walk or {}).get("to_ms")
-    if progress.walk_complete:
+    bound = (progress.walked.walk or {}).get("to_ms")
+    if progress.walked.complete:
         position = "the listing is walked; change capture is redone whole on resume"
     elif bound is None:
         position = "walk not started"
     else:
         position = f"walked down to {utc(bound)} (createdAt; older ones are next)"
-    lines.append(f"    position: {position}; {progress.rows:,} rows so far")
+    lines.append(f"    position: {position}; {progress.walked.counts.rows:,} rows so far")
     if not running:
         lines.append("    the next `run` resumes it there")
     return lines
