@@ -22,6 +22,7 @@ from pipeline.timestamps import DURATION, parse_duration_ms, parse_time_ms
 
 if TYPE_CHECKING:
     from pipeline.api.client import ClientSettings, TriggerClient
+    from pipeline.dataset.delta import DeltaOutput
     from pipeline.jobs.core import RunSummary
 
 Echo = Callable[[str], Any]
@@ -29,6 +30,19 @@ Echo = Callable[[str], Any]
 
 def output_storage(settings: Settings) -> Storage:
     return Storage(settings.output)
+
+
+def is_delta(settings: Settings) -> bool:
+    return settings.table_format.lower() == "delta"
+
+
+def delta_output(settings: Settings) -> DeltaOutput:
+    """The output's two Delta tables; a usage error (exit 2) naming the pip command when the
+    `delta` extra is not installed."""
+    from pipeline.dataset.delta import DeltaOutput, require_deltalake
+
+    require_deltalake()
+    return DeltaOutput.at(settings.output)
 
 
 def state_store(settings: Settings) -> StateStore:
