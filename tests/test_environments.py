@@ -139,7 +139,9 @@ def test_a_held_lock_stops_only_its_own_environment(emulator, tmp_path):
     backfill = run_cli("backfill", "--config", str(config), "--all-environments", "--since",
                        "40d", "--concurrency", "2", key=None, env_extra=KEYS)
     assert backfill.returncode == 0, backfill.stderr
-    assert [row[0] for row in table_rows(backfill.stdout).values()] == ["150", "150"]
+    # alpha (locked out of the run above) gets all 150; beta holds them already: backfill
+    # skips the versions a dataset holds, as run does
+    assert [row[0] for row in table_rows(backfill.stdout).values()] == ["150", "0"]
 
     # loads into one warehouse file take turns (DuckDB lets one process write a file)
     again = run_cli("run", "--config", str(config), "--all-environments", key=None,

@@ -120,6 +120,11 @@ def _kill_after_flushes(process, state_file: Path, more: int, chance: random.Ran
     process.wait()
 
 
+def _backfill_flushes(state_dir: Path) -> int:
+    files = list(state_dir.glob("backfill-*.json"))
+    return _flushes(files[0]) if files else 0
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_is_exact(emulator, output):
     emu = emulator(sessions=5000, seed=77, days=5000 * 13 / 86_400_000, id_skew_ms=25,
@@ -145,21 +150,27 @@ def test_kill_9_at_random_points_then_resume_is_exact(emulator, output):
     assert read_dataset(output).num_rows == len(truth)
 
 
-def test_backfill_killed_and_resumed_is_exact(emulator, output):
-    emu = emulator(sessions=5000, seed=78, days=5000 * 13 / 86_400_000, id_skew_ms=25,
+def test_backfill_killed_and_resumed_is_exact(emulator, gate, output):
+    emu = emulator(sessions=9000, seed=78, days=9000 * 13 / 86_400_000, id_skew_ms=25,
                    same_ms_burst=260, latency_ms=10, list_trigger_config="include")
     truth = emulator_sessions(emu.url)
     since = min(s["createdAt"] for s in truth)
     until = max(s["createdAt"] for s in truth)
     args = ("backfill", "--output", str(output), "--since", since, "--until", until,
             "--concurrency", "3", "--flush-rows", "900")
-    process = spawn_cli(*args, url=emu.url)
+    # 65 of the walk's 100-odd list pages pass (a window flushes every 1,000 rows), then the
+    # gate holds the rest: the kill surely comes mid-walk, after a flush
+    held = gate(emu.url, 65)
+    process = spawn_cli(*args, url=held.url)
     state_files = output / "_state"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not list(state_files.glob("backfill-*.json")):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (held.waiting and _backfill_flushes(state_files)):
         time.sleep(0.01)
-    # a window flushes every 1,000 rows at least: kill after the first one
-    _kill_after_flushes(process, next(state_files.glob("backfill-*.json")), 1, random.Random(3))
+    time.sleep(random.Random(3).uniform(0, 0.05))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert held.waiting, "the walk should be held at the gate"
+    assert _backfill_flushes(state_files) >= 1, held.passed
     result = run_cli(*args, url=emu.url)
     assert result.returncode == 0, result.stderr
     assert "resumed" in result.stdout
