@@ -34,7 +34,7 @@ test-fast: bytecode
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff check pipeline tests bench examples
 
 ## Throughput, CPU and memory, ours vs the fastest bare fetch loop, side by side, then the
 ## enrichment path against the rate-limit ceiling (bench/README.md; about 5-10 minutes).

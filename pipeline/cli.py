@@ -51,6 +51,23 @@ def option_flag(option: Option) -> Callable[[Callable], Callable]:
 READ_IN_TURN = ("state show",)
 
 
+def _every_environment(
+    command_name: str,
+    config: str | None,
+    flags: dict[str, Any],
+    filter_flags: dict[str, Any],
+    invoke: Callable[[str | None], Any],
+) -> int:
+    """`--all-environments`: a read-only command reads each environment here in turn; the
+    others run each in a child process, `--parallel` at a time. The worst exit code."""
+    from pipeline.config import environment_names
+    from pipeline.ops.environments import run_all_environments, run_in_turn
+
+    if command_name in READ_IN_TURN:
+        return run_in_turn(environment_names(config), invoke)
+    return run_all_environments(click.get_current_context(), config, flags, filter_flags)
+
+
 def with_options(command_name: str, filters: bool = False) -> Callable[[Callable], Callable]:
     """Add `--config`, `--environment` and the options that `command_name` takes (each
     option's `commands`) as flags; pass the merged `Settings` on. A command that takes
@@ -73,16 +90,9 @@ def with_options(command_name: str, filters: bool = False) -> Callable[[Callable
 
             if not all_environments:
                 return invoke(environment)
-            from pipeline.ops.environments import run_all_environments, run_in_turn
-
             if environment:
                 raise click.UsageError("give --environment NAME or --all-environments, not both")
-            if command_name in READ_IN_TURN:
-                from pipeline.config import environment_names
-
-                sys.exit(run_in_turn(environment_names(config), invoke))
-            context = click.get_current_context()
-            sys.exit(run_all_environments(context, config, flags, filter_flags))
+            sys.exit(_every_environment(command_name, config, flags, filter_flags, invoke))
 
         for option in reversed(options_of(command_name)):
             wrapper = option_flag(option)(wrapper)
@@ -326,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted; the next run resumes from the last checkpoint", err=True)
         sys.exit(ExitCode.INTERRUPTED)
-    except Exception as error:  # noqa: BLE001 - the last line of defence
+    except Exception as error:
         log.debug("unexpected error", exc_info=True)
         click.echo(
             f"sessions-export: unexpected error (a bug, please report it): "

@@ -61,7 +61,7 @@ _T = TypeVar("_T")
 
 def option(
     default: Any,
-    help: str,  # noqa: A002 - the word every CLI library uses
+    help: str,  # the word every CLI library uses
     *,
     commands: tuple[str, ...],
     env: tuple[str, ...] = (),

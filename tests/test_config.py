@@ -231,7 +231,7 @@ def test_settings_are_typed_fields_not_a_lookup():
     assert hints["flush_rows"] is int and hints["branch"] == str | None
     assert not hasattr(Settings, "__getattr__")
     with pytest.raises(AttributeError):
-        Settings().nonsense  # noqa: B018
+        _ = Settings().nonsense
 
 
 def test_environment_variables_sit_under_the_file_and_flags(tmp_path):

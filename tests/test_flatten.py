@@ -300,11 +300,20 @@ def random_session(rng: random.Random, index: int) -> dict:
             return rng.choice([None, 3, 2.5, True, "x", ["y"], {"z": 1}])
         return good() if roll > 0.04 else None
 
-    stamp = lambda: f"2026-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}T0{rng.randint(0, 9)}:1{rng.randint(0, 9)}:00.{rng.randint(0, 999):03d}Z"  # noqa: E731
-    text = lambda: rng.choice(["a", "ü", "😀", "", "x y", 'q"b'])  # noqa: E731
-    tags = lambda: [text() for _ in range(rng.randint(0, 3))]  # noqa: E731
-    number = lambda: rng.choice([1, 10, 2**31 - 1, 2**31, -(2**31), 2**40, 0])  # noqa: E731
-    payload = lambda: rng.choice([{}, {"n": rng.random()}, [1, "é", None], "s", 1e21, None])  # noqa: E731
+    def stamp() -> str:
+        return f"2026-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}T0{rng.randint(0, 9)}:1{rng.randint(0, 9)}:00.{rng.randint(0, 999):03d}Z"
+
+    def text() -> str:
+        return rng.choice(["a", "ü", "😀", "", "x y", 'q"b'])
+
+    def tags() -> list[str]:
+        return [text() for _ in range(rng.randint(0, 3))]
+
+    def number() -> int:
+        return rng.choice([1, 10, 2**31 - 1, 2**31, -(2**31), 2**40, 0])
+
+    def payload() -> object:
+        return rng.choice([{}, {"n": rng.random()}, [1, "é", None], "s", 1e21, None])
     session = {
         "id": f"session_{index}",
         "createdAt": stamp(),

@@ -68,8 +68,9 @@ def test_an_empty_state_says_the_next_run_exports_everything():
     assert "active session" not in text
 
 
-def _progress(walk: dict | None = {"to_ms": NOW - 20 * MINUTE},  # noqa: B006 - never mutated
-              walk_complete: bool = False) -> RunProgress:
+def _progress(walk: dict | None = None, walk_complete: bool = False) -> RunProgress:
+    if walk is None and not walk_complete:
+        walk = {"to_ms": NOW - 20 * MINUTE}
     return RunProgress(run_id="20261205T165000Z-def456", mode="incremental",
                        window=Window(NOW - 60 * MINUTE, None), filters={"type": "chat.agent"},
                        started_at_ms=NOW - 6 * MINUTE,

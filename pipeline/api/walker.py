@@ -383,7 +383,7 @@ def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
                 if not put((item, None)):
                     return
             put((_END, None))
-        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+        except BaseException as error:  # handed to the consumer
             put((_END, error))
 
     worker = threading.Thread(target=produce, name="page-prefetch", daemon=True)

@@ -71,7 +71,7 @@ def verify(output: Storage, strict: bool = False) -> VerifyReport:
     for data_file in data:
         try:
             footers[data_file.path] = read_footer(output, data_file.path)
-        except Exception as error:  # noqa: BLE001 - any read failure is a finding
+        except Exception as error:  # any read failure is a finding
             report.problems.append(f"unreadable file {data_file.path}: {error}")
     # the keys of every row, by id hash: the duplicate checks then need one bucket at a time
     estimate = sum(f.num_rows for f in footers.values()) * _KEY_ROW_BYTES
@@ -119,7 +119,7 @@ def _check_rows(
             days.update(day for day, _ in split_by_day(table))
             partition = pa.repeat(pa.scalar(data_file.partition), table.num_rows)
             keys.add(table.select(_KEY_COLUMNS).append_column("partition", partition))
-    except Exception as error:  # noqa: BLE001 - any read failure is a finding
+    except Exception as error:  # any read failure is a finding
         report.problems.append(f"unreadable file {data_file.path}: {error}")
         return False
     if days - {data_file.partition}:

@@ -12,7 +12,7 @@ from pipeline.emulator.timestamps import now_ms
 
 def flag(
     default: Any,
-    help: str,  # noqa: A002 - the word every CLI library uses
+    help: str,  # the word every CLI library uses
     *,
     name: str | None = None,
     at_least: float | None = None,

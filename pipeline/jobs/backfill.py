@@ -374,7 +374,7 @@ class BackfillRun:
                     self._walk(scheduler, window)
                 finally:
                     scheduler.release(window)
-        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+        except BaseException as error:  # handed to the main thread
             scheduler.fail(error)
 
     # -- walking ---------------------------------------------------------------------

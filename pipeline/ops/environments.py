@@ -113,7 +113,7 @@ def run_in_turn(names: list[str], run_one: Callable[[str], object]) -> int:
         except ExportError as error:
             click.echo(f"sessions-export: error: [{name}] {redact(str(error))}", err=True)
             codes.append(error.exit_code)
-        except Exception as error:  # noqa: BLE001 - one environment's bug must not stop the rest
+        except Exception as error:
             log.debug("unexpected error in environment %s", name, exc_info=True)
             click.echo(
                 f"sessions-export: unexpected error (a bug, please report it) in [{name}]: "

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +144,7 @@ class MetricsFile:
         self.storage = Storage(str(self.directory))
         self.environment = series_labels(environment, branch)
 
-    def _update(self, change) -> None:  # noqa: ANN001 - a Samples -> Samples function
+    def _update(self, change: Callable[[Samples], Samples]) -> None:
         with _directory_locked(self.directory):  # environments run at once share the file
             data = self.storage.read_bytes(self.name)
             samples = parse(data.decode(errors="replace")) if data else {}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pipeline.store.lock import LeaseStore
 from pipeline.store.state import LOCK_FILE, BackfillState, Checkpoint, StateStore
 from pipeline.store.storage import Storage
 
@@ -115,7 +116,7 @@ def read_lock(storage: Storage, path: str) -> LockView:
             record = store.read()
         finally:
             store.close()
-    except Exception as error:  # noqa: BLE001 - the store's own failure: shown, not fatal
+    except Exception as error:  # the store's own failure: shown, not fatal
         return LockView(None, note=f"cannot read it: {error}")
     if record is None:
         return LockView(False)
@@ -125,7 +126,7 @@ def read_lock(storage: Storage, path: str) -> LockView:
     return LockView(True, record.holder, f"lease renewed {round(record.age_seconds)}s ago")
 
 
-def _lease_store(storage: Storage, path: str):  # noqa: ANN202 - a pipeline.store.lock.LeaseStore
+def _lease_store(storage: Storage, path: str) -> LeaseStore:
     from pipeline.store import lock
     from pipeline.store.storage import gcs_emulator, storage_endpoint
 

@@ -579,6 +579,6 @@ def _google_token(credentials: Any) -> str:
     if not credentials.valid:
         try:
             credentials.refresh(google.auth.transport.urllib3.Request(urllib3.PoolManager()))
-        except Exception as error:  # noqa: BLE001 - google-auth raises many kinds
+        except Exception as error:  # google-auth raises many kinds
             raise StoreFailure(f"cannot get a Google access token ({error})") from None
     return str(credentials.token)

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import tempfile
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,7 @@ class StateStore:
         self.storage.delete(CHECKPOINT_FILE)
         self.storage.delete(ACTIVE_FILE)
 
-    def lock(self, holder: str):  # noqa: ANN201 - a context manager
+    def lock(self, holder: str) -> AbstractContextManager[None]:
         return self.storage.exclusive_lock(LOCK_FILE, holder)
 
 
@@ -375,7 +376,7 @@ class BackfillStateStore:
     def save(self, state: BackfillState) -> None:
         self.storage.write_bytes(self.path, state.to_json())
 
-    def lock(self, holder: str):  # noqa: ANN201 - a context manager
+    def lock(self, holder: str) -> AbstractContextManager[None]:
         return self.storage.exclusive_lock(self.lock_name, holder)
 
 
