@@ -255,7 +255,8 @@ def load() -> None:
 def load_duckdb(settings: Settings) -> None:
     """Upsert the latest version of every session into the `sessions` table of a DuckDB
     file. Runs already loaded are skipped (see sessions_export_loads), so loading twice
-    changes nothing and a load after new runs applies only theirs."""
+    changes nothing and a load after new runs applies only theirs. Delta: the latest table,
+    once per table version."""
     from pipeline.dataset.load_duckdb import DuckDBTarget
     from pipeline.errors import UsageError
 

@@ -155,9 +155,9 @@ def test_kill_9_during_compact_then_compact_again_and_verify(tmp_path: Path) -> 
             os.kill(compactor.pid, signal.SIGKILL)
             kills += 1
         compactor.wait()
-        if kills == 8:
+        if kills == 12:
             break
-    assert kills == 8
+    assert kills == 12
     done = cli(output, "compact")
     assert done.returncode == 0, done.stderr
     verified = cli(output, "verify")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -41,7 +42,8 @@ def compact_delta(
     output: DeltaOutput, retention: timedelta = DEFAULT_RETENTION, force: bool = False
 ) -> list[CompactReport]:
     """OPTIMIZE (bin-pack each partition), a checkpoint, then VACUUM of files unreferenced
-    for longer than `retention`, on both tables; under an hour only with `force`."""
+    for longer than `retention` (rounded up to whole hours, as Delta counts it), on both
+    tables; under an hour only with `force`."""
     check_retention(retention, force)
     reports = []
     for name in (VERSIONS_DIR, LATEST_DIR):
@@ -51,7 +53,7 @@ def compact_delta(
         metrics = table.optimize.compact()
         table.create_checkpoint()
         removed = table.vacuum(
-            retention_hours=int(retention.total_seconds() // 3600), dry_run=False,
+            retention_hours=math.ceil(retention.total_seconds() / 3600), dry_run=False,
             enforce_retention_duration=False,
         )
         reports.append(CompactReport(name, metrics.get("numFilesRemoved", 0),
