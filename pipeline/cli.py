@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -22,6 +22,9 @@ from pipeline.config import Option, Settings, load_settings, options_of
 from pipeline.errors import ExitCode, ExportError, exit_codes_line
 from pipeline.ops.logs import redact, register_secret, setup_logging
 from pipeline.runner import delta_output, is_delta, output_storage, state_store
+
+if TYPE_CHECKING:
+    from pipeline.dataset.load import LoadSummary, LoadTarget
 
 log = logging.getLogger("pipeline")
 
@@ -224,6 +227,7 @@ def verify(settings: Settings, strict: bool) -> None:
 def stats(settings: Settings) -> None:
     """A per-day table of the dataset: sessions, versions, active/closed/expired (by each
     session's latest version) and the top types, read from the files (never the API)."""
+    from pipeline.dataset.delta.tables import VERSIONS_DIR
     from pipeline.dataset.layout import day_of
     from pipeline.dataset.stats import daily_stats, render
     from pipeline.errors import UsageError
@@ -238,7 +242,7 @@ def stats(settings: Settings) -> None:
     if since and until and since > until:
         raise UsageError(f"--since ({settings.since}) is after --until ({settings.until})")
     output = output_storage(settings)  # opened first: a bad URI is a usage or storage error
-    if is_delta(settings) and not delta_output(settings).exists("sessions_versions"):
+    if is_delta(settings) and not delta_output(settings).exists(VERSIONS_DIR):
         rows = []  # nothing exported yet, as for an empty Parquet output
     else:
         rows = daily_stats(output.uri, since, until, now, table_format=settings.table_format)
@@ -279,7 +283,7 @@ def load_postgres(settings: Settings) -> None:
     click.echo(_load(settings, target).line())
 
 
-def _load(settings: Settings, target: Any) -> Any:
+def _load(settings: Settings, target: LoadTarget) -> LoadSummary:
     """The load plan for the output's format: run manifests, or the Delta latest table."""
     from pipeline.dataset.load import load, load_delta
 
