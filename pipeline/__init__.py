@@ -2,7 +2,9 @@
 
 The Python API (imported on first use, so `import pipeline` stays cheap):
 
-- `scan_sessions(output, *, latest=True, storage_options=None) -> polars.LazyFrame`
+- `scan_sessions(output, *, latest=True, storage_options=None, table_format=None)
+  -> polars.LazyFrame` (`table_format` None: Delta when `<output>/sessions/_delta_log/`
+  exists, else Parquet)
 - `export(config=None, **options) -> RunSummary`, the same run as `sessions-export run`;
   failures raise `ExportError`, whose `exit_code` is the CLI's for the same failure.
 

@@ -1,7 +1,9 @@
 """`python -m pipeline` and the `sessions-export` script: the CLI, after the process-wide
 choices that belong to it and not to the library."""
 
+import logging
 import os
+import sys
 
 
 def main() -> None:
@@ -12,7 +14,21 @@ def main() -> None:
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
     from pipeline.cli import main as run_cli
 
-    run_cli()
+    try:
+        run_cli()
+    except SystemExit as done:
+        if "deltalake" in sys.modules and isinstance(done.code, int | None):
+            _exit_now(done.code or 0)
+        raise
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown, which now and then aborts the process once
+    delta-rs has read through pyarrow (its threads outlive Arrow's: delta-rs #2184)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,7 +21,10 @@ from pipeline.api.filters import FILTERS
 from pipeline.config import Option, Settings, load_settings, options_of
 from pipeline.errors import ExitCode, ExportError, exit_codes_line
 from pipeline.ops.logs import redact, register_secret, setup_logging
-from pipeline.runner import output_storage, state_store
+from pipeline.runner import delta_output, is_delta, output_storage, state_store
+
+if TYPE_CHECKING:
+    from pipeline.dataset.load import LoadSummary, LoadTarget
 
 log = logging.getLogger("pipeline")
 
@@ -197,21 +200,32 @@ def backfill(settings: Settings, restart: bool) -> None:
 @cli.command()
 @with_options("compact")
 def compact(settings: Settings) -> None:
-    """Rewrite partitions so that each holds one row per session id, the latest version."""
-    from pipeline.runner import compact_dataset
+    """Rewrite partitions so that each holds one row per session id, the latest version.
+    Delta: OPTIMIZE (bin-pack each partition), a checkpoint, then VACUUM (--retention)."""
+    from pipeline.runner import compact_dataset, compact_delta_output
 
     _use_lean_memory_pool()
-    compact_dataset(settings, None, click.echo)
+    if is_delta(settings):
+        compact_delta_output(settings, click.echo)
+    else:
+        compact_dataset(settings, None, click.echo)
 
 
 @cli.command()
 @with_options("verify")
 @click.option("--strict", is_flag=True, help="also fail when a session has several versions")
 def verify(settings: Settings, strict: bool) -> None:
-    """Read the dataset back: schema, partition keys, duplicates, unreadable or stray files."""
+    """Read the dataset back: schema, partition keys, duplicates, unreadable or stray files.
+    Delta: the logs are whole and name only present files, one row per id in `sessions`,
+    equal to the newest version in `sessions_versions`."""
     from pipeline.dataset.verify import verify as run_verify
 
-    report = run_verify(output_storage(settings), strict=strict)
+    if is_delta(settings):
+        from pipeline.dataset.delta import verify_delta
+
+        report: Any = verify_delta(delta_output(settings))
+    else:
+        report = run_verify(output_storage(settings), strict=strict)
     for line in report.lines():
         click.echo(line)
     if not report.ok:
@@ -223,6 +237,7 @@ def verify(settings: Settings, strict: bool) -> None:
 def stats(settings: Settings) -> None:
     """A per-day table of the dataset: sessions, versions, active/closed/expired (by each
     session's latest version) and the top types, read from the files (never the API)."""
+    from pipeline.dataset.delta.tables import VERSIONS_DIR
     from pipeline.dataset.layout import day_of
     from pipeline.dataset.stats import daily_stats, render
     from pipeline.errors import UsageError
@@ -237,7 +252,10 @@ def stats(settings: Settings) -> None:
     if since and until and since > until:
         raise UsageError(f"--since ({settings.since}) is after --until ({settings.until})")
     output = output_storage(settings)  # opened first: a bad URI is a usage or storage error
-    rows = daily_stats(output.uri, since, until, now)
+    if is_delta(settings) and not delta_output(settings).exists(VERSIONS_DIR):
+        rows = []  # nothing exported yet, as for an empty Parquet output
+    else:
+        rows = daily_stats(output.uri, since, until, now, table_format=settings.table_format)
     click.echo(render(rows, settings.format))
 
 
@@ -251,14 +269,14 @@ def load() -> None:
 def load_duckdb(settings: Settings) -> None:
     """Upsert the latest version of every session into the `sessions` table of a DuckDB
     file. Runs already loaded are skipped (see sessions_export_loads), so loading twice
-    changes nothing and a load after new runs applies only theirs."""
-    from pipeline.dataset.load import load as run_load
+    changes nothing and a load after new runs applies only theirs. Delta: the latest table,
+    once per table version."""
     from pipeline.dataset.load_duckdb import DuckDBTarget
     from pipeline.errors import UsageError
 
     if not settings.database:
         raise UsageError('load duckdb needs --database FILE (or database = "…" in the config)')
-    click.echo(run_load(output_storage(settings), DuckDBTarget(settings.database)).line())
+    click.echo(_load(settings, DuckDBTarget(settings.database)).line())
 
 
 @load.command("postgres")
@@ -268,12 +286,20 @@ def load_postgres(settings: Settings) -> None:
     missing; id is its primary key). The connection comes from PGHOST, PGPORT, PGDATABASE,
     PGUSER, PGPASSWORD, PGSERVICE (or ~/.pgpass), or --dsn without a password. Runs already
     loaded are skipped (see <table>_export_loads); the whole load is one transaction."""
-    from pipeline.dataset.load import load as run_load
     from pipeline.dataset.load_postgres import PostgresTarget
 
     register_secret(os.environ.get("PGPASSWORD"))  # never in an error line, whatever quotes it
     target = PostgresTarget(settings.dsn, settings.schema, settings.table)
-    click.echo(run_load(output_storage(settings), target).line())
+    click.echo(_load(settings, target).line())
+
+
+def _load(settings: Settings, target: LoadTarget) -> LoadSummary:
+    """The load plan for the output's format: run manifests, or the Delta latest table."""
+    from pipeline.dataset.load import load, load_delta
+
+    if is_delta(settings):
+        return load_delta(delta_output(settings), target)
+    return load(output_storage(settings), target)
 
 
 @cli.group()
@@ -295,7 +321,12 @@ def state_show(settings: Settings, as_json: bool) -> None:
     from pipeline.jobs.core import wall_clock_ms
     from pipeline.ops.state_view import read_state, render
 
-    click.echo(render(read_state(store, wall_clock_ms(), settings.environment)))
+    text = render(read_state(store, wall_clock_ms(), settings.environment))
+    if is_delta(settings):
+        from pipeline.dataset.delta import delta_status
+
+        text += "".join(f"\n  delta {s.line()}" for s in delta_status(delta_output(settings)))
+    click.echo(text)
 
 
 @state.command("reset")

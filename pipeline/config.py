@@ -203,6 +203,15 @@ class Settings:
         commands=("backfill", "stats"),
         shown="now",
     )
+    retention: str = option(
+        "7d",
+        "compact, delta: VACUUM removes files unreferenced for longer than this (under 1h "
+        "needs --force)",
+        commands=("compact",),
+    )
+    force: bool = option(
+        False, "compact, delta: allow a VACUUM retention under 1h", commands=("compact",)
+    )
     format: str = option(
         "table", "stats: table, json or csv", commands=("stats",), choices=STATS_FORMATS
     )
@@ -512,11 +521,9 @@ def _check_values(values: dict[str, Any]) -> None:
             raise UsageError(f"{name} must be {bound}, got {value}")
         if option_.choices and str(value).lower() not in option_.choices:
             raise UsageError(f"{name} must be {', '.join(option_.choices)}, got {value!r}")
-    if values["table_format"].lower() == "delta":
-        # declared now so configs and flags are stable; the Delta sink comes later
-        raise UsageError("table_format delta is not available yet: use parquet (the default)")
     parse_duration_ms(values["lookback"], "lookback")
     parse_duration_ms(values["rescan"], "rescan")
+    parse_duration_ms(values["retention"], "retention")
     key_env = values["secret_key_env"]
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env) or key_env.startswith("tr_"):
         # the value is not echoed: it may be a key pasted by mistake

@@ -190,3 +190,27 @@ def compact_dataset(settings: Settings, only: list[str] | None, echo: Echo | Non
         summary = compact(output_storage(settings), new_run_id(wall_clock_ms()), only)
     if echo is not None:
         echo(summary.line())
+
+
+def compact_delta_output(settings: Settings, echo: Echo | None) -> None:
+    """`compact` of a Delta output, under the run lock: first finish any flush a crash cut
+    between its two commits, then OPTIMIZE, checkpoint and VACUUM both tables."""
+    from datetime import timedelta
+
+    from pipeline.dataset.delta import compact_delta, recover_all
+    from pipeline.dataset.delta.maintain import check_retention
+    from pipeline.store.lock import lock_holder
+
+    output = delta_output(settings)
+    retention = timedelta(milliseconds=parse_duration_ms(settings.retention, "retention"))
+    check_retention(retention, settings.force)
+    with state_store(settings).lock(lock_holder()):
+        for app, recovery in recover_all(output).items():
+            if recovery.remerged and echo is not None:
+                echo(f"recovered: flushes {list(recovery.remerged)} of {app} re-merged")
+        reports = compact_delta(output, retention, settings.force)
+    if echo is not None:
+        for report in reports:
+            echo(report.line())
+        if not reports:
+            echo(f"compact: no Delta table under {output.uri}")

@@ -351,3 +351,36 @@ def gcs_cli(*args: str, url: str | None, gcs: GcsServer) -> subprocess.Completed
         env["TRIGGER_API_URL"] = url
     return subprocess.run([sys.executable, "-m", "pipeline", *args], env=env,
                           text=True, capture_output=True, timeout=120, cwd=ROOT)
+
+
+# -- DuckDB's delta extension (delta-kernel-rs, not delta-rs): an independent Delta reader -----
+
+DUCKDB_VENV = ROOT / ".venv" / "duckdelta"  # cached: made once, outside the project's deps
+DUCKDB_PINS = ("duckdb==1.4.4", "duckdb-ext-delta==1.4.4.20260205")  # the extension pins its DuckDB
+DUCKDB_READ = """
+import json, pathlib, site, sys
+import duckdb
+ext = next(pathlib.Path(p) for p in site.getsitepackages()
+           if (pathlib.Path(p) / "duckdb_ext").exists()) / \\
+      "duckdb_ext/extensions/v1.4.4/linux_amd64/delta.duckdb_extension"
+con = duckdb.connect()
+con.execute(f"LOAD '{ext}'")
+rows = con.execute(
+    "SELECT id, epoch_ms(updated_at), metadata, CAST(created_date AS VARCHAR) "
+    f"FROM delta_scan('{sys.argv[1]}')").fetchall()
+print(json.dumps(rows))
+"""
+
+
+@pytest.fixture(scope="session")
+def duckdb_delta() -> Path:
+    """A Python with DuckDB and its delta extension, in a venv made once and kept."""
+    python = DUCKDB_VENV / "bin" / "python"
+    if not (DUCKDB_VENV / ".ready").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(DUCKDB_VENV)], check=True)
+        install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *DUCKDB_PINS],
+                                 capture_output=True, text=True, timeout=600)
+        if install.returncode != 0:
+            pytest.skip(f"DuckDB's delta extension does not install here: {install.stderr[-300:]}")
+        (DUCKDB_VENV / ".ready").touch()
+    return python

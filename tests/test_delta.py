@@ -34,7 +34,7 @@ from pipeline.dataset.delta.commit import apply_versions
 from pipeline.dataset.delta.tables import to_delta_rows
 from pipeline.dataset.flatten import flatten_sessions
 from pipeline.errors import UsageError
-from tests.conftest import ROOT, assert_row_matches
+from tests.conftest import DUCKDB_READ, ROOT, assert_row_matches
 from tests.delta_worker import batch, extracted, run, session, truth
 
 APP = "sessions-export"
@@ -289,36 +289,6 @@ def test_a_commit_from_a_stale_snapshot_conflicts_and_a_rerun_inserts_nothing_tw
 
 
 # -- DuckDB's delta extension (delta-kernel-rs, not delta-rs): a second independent reader -------
-
-DUCKDB_VENV = ROOT / ".venv" / "duckdelta"  # cached: made once, outside the project's deps
-DUCKDB_PINS = ("duckdb==1.4.4", "duckdb-ext-delta==1.4.4.20260205")  # the extension pins its DuckDB
-DUCKDB_READ = """
-import json, pathlib, site, sys
-import duckdb
-ext = next(pathlib.Path(p) for p in site.getsitepackages()
-           if (pathlib.Path(p) / "duckdb_ext").exists()) / \\
-      "duckdb_ext/extensions/v1.4.4/linux_amd64/delta.duckdb_extension"
-con = duckdb.connect()
-con.execute(f"LOAD '{ext}'")
-rows = con.execute(
-    "SELECT id, epoch_ms(updated_at), metadata, CAST(created_date AS VARCHAR) "
-    f"FROM delta_scan('{sys.argv[1]}')").fetchall()
-print(json.dumps(rows))
-"""
-
-
-@pytest.fixture(scope="module")
-def duckdb_delta() -> Path:
-    python = DUCKDB_VENV / "bin" / "python"
-    if not (DUCKDB_VENV / ".ready").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(DUCKDB_VENV)], check=True)
-        install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *DUCKDB_PINS],
-                                 capture_output=True, text=True, timeout=600)
-        if install.returncode != 0:
-            pytest.skip(f"DuckDB's delta extension does not install here: {install.stderr[-300:]}")
-        (DUCKDB_VENV / ".ready").touch()
-    return python
-
 
 def test_duckdb_delta_scan_reads_what_delta_rs_wrote(tmp_path: Path, duckdb_delta: Path) -> None:
     output = str(tmp_path / "out")

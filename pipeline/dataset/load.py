@@ -9,6 +9,11 @@ reduced to the latest version per id and handed to the target, which replaces a 
 only with a newer one (greater `updated_at`, then `extracted_at`), so reading a version
 twice, or an older one, is harmless. The whole load is one transaction of the target.
 
+A Delta output (`load_delta`) is read from its latest table instead: the ledger records the
+table version loaded (`delta-v<N>`), and the next load reads only the data files added
+since that version (a MERGE or OPTIMIZE rewrites whole files, so every row changed since
+is in one of them); no new commit is "nothing new".
+
 A target knows only its SQL dialect and its bulk path (`LoadTarget`).
 """
 
@@ -22,16 +27,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import ModuleType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from pipeline.dataset.layout import DataFile, files_by_partition, latest_versions, partition_of
 from pipeline.dataset.manifest import read_manifests
 from pipeline.dataset.schema import COLUMNS, PARTITION_KEY, SCHEMA
 from pipeline.errors import UsageError
 from pipeline.store.storage import Storage
+
+if TYPE_CHECKING:
+    from pipeline.dataset.delta import DeltaOutput
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +69,15 @@ class LoadSummary:
     inserted: int
     updated: int
     sessions: int  # rows in the table afterwards
+    delta_version: int | None = None  # the Delta table version loaded, for a Delta output
 
     def line(self) -> str:
         if not self.runs:
             return f"load: nothing new; {self.table} holds {self.sessions} sessions"
+        what = (f"{self.runs} new runs" if self.delta_version is None
+                else f"Delta version {self.delta_version}")
         return (
-            f"load: {self.runs} new runs, {self.files} files, {self.rows_read} rows read, "
+            f"load: {what}, {self.files} files, {self.rows_read} rows read, "
             f"{self.inserted} sessions inserted, {self.updated} updated; "
             f"{self.table} holds {self.sessions} sessions"
         )
@@ -115,6 +128,78 @@ def load(output: Storage, target: LoadTarget) -> LoadSummary:
     finally:
         target.close()
     return LoadSummary(target.table, len(manifests), files, rows_read, inserted, updated, sessions)
+
+
+DELTA_LOADED = "delta-v"  # a ledger run_id `delta-v<N>`: version N of the latest table loaded
+
+
+def load_delta(output: DeltaOutput, target: LoadTarget) -> LoadSummary:
+    """Apply the Delta latest table's files added since the version last loaded; one
+    transaction. The ledger's row for the version is the load's run."""
+    from pipeline.dataset.delta import LATEST_DIR
+
+    try:
+        done = target.open()
+        table = output.open(LATEST_DIR, create=False) if output.exists(LATEST_DIR) else None
+        version = None if table is None else table.version()
+        files = rows_read = inserted = updated = runs = 0
+        if version is not None and f"{DELTA_LOADED}{version}" not in done:
+            runs = 1
+            seen = _delta_files_at(output, _newest_loaded(done, version))
+            dataset = table.to_pyarrow_dataset()  # the snapshot of `version`, no later
+            fresh = [f for f in dataset.get_fragments() if unquote(f.path) not in seen]
+            for day, fragments in sorted(_by_partition(fresh).items()):
+                rows = ds.FileSystemDataset(fragments, dataset.schema, dataset.format,
+                                            dataset.filesystem).to_table()
+                files += len(fragments)
+                rows_read += rows.num_rows
+                target.stage(_as_loaded(rows))
+                log.info("staged %s: %d rows from %d files", day, rows.num_rows, len(fragments))
+            inserted, updated = target.merge()
+            target.record([LoadedRun(f"{DELTA_LOADED}{version}", "delta", None, files, rows_read,
+                                     datetime.now(UTC))])
+        sessions = target.count()
+        target.commit()
+    finally:
+        target.close()
+    return LoadSummary(target.table, runs, files, rows_read, inserted, updated, sessions,
+                       version)
+
+
+def _newest_loaded(done: set[str], below: int) -> int | None:
+    versions = [int(r[len(DELTA_LOADED):]) for r in done
+                if r.startswith(DELTA_LOADED) and r[len(DELTA_LOADED):].isdigit()]
+    return max((v for v in versions if v < below), default=None)
+
+
+def _delta_files_at(output: DeltaOutput, version: int | None) -> set[str]:
+    """The data files of the latest table at `version`; none when it is None or its log
+    is gone (then every current file is read again: harmless, newest wins)."""
+    from pipeline.dataset.delta import LATEST_DIR, require_deltalake
+
+    if version is None:
+        return set()
+    deltalake = require_deltalake()
+    try:
+        old = deltalake.DeltaTable(output.table_uri(LATEST_DIR), version=version,
+                                   storage_options=output.options or None)
+    except (OSError, deltalake.exceptions.DeltaError):
+        return set()
+    return {unquote(p) for p in old.get_add_actions(flatten=True).column("path").to_pylist()}
+
+
+def _by_partition(fragments: list[Any]) -> dict[str, list[Any]]:
+    grouped: dict[str, list[Any]] = {}
+    for fragment in fragments:
+        day = ds.get_partition_keys(fragment.partition_expression)[PARTITION_KEY]
+        grouped.setdefault(str(day), []).append(fragment)
+    return grouped
+
+
+def _as_loaded(rows: pa.Table) -> pa.Table:
+    """Delta rows as the Parquet path stages them: the schema's types, then created_date."""
+    table = rows.select(SCHEMA.names).cast(SCHEMA)
+    return table.append_column(PARTITION_KEY, rows[PARTITION_KEY].cast(pa.date32()))
 
 
 def read_ahead(

@@ -4,7 +4,8 @@ Polars lists and reads the files itself (local paths, `s3://`, `gs://`, with
 `storage_options` for object stores), skipping hidden files the way other readers do;
 `created_date` comes from the directory names, so a filter on it reads only those
 partitions, also through the latest-version step (which works per partition: an id never
-spans two).
+spans two). A Delta output (`table_format="delta"`, or found by its `sessions/_delta_log/`)
+is read through its log with polars' `scan_delta`, pruned on `created_date` the same way.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.fs as pafs
 
 from pipeline.dataset.layout import DATASET_DIR
 from pipeline.dataset.schema import PARTITION_KEY, SCHEMA
-from pipeline.store.storage import storage_endpoint
+from pipeline.errors import ExportError
+from pipeline.store.storage import Storage, storage_endpoint
 
 # visible data files only: a name starting with `.` or `_` is a temp file readers skip.
 # polars expands a local glob's class as a glob (`[!…]`), an object store's as a regex (`[^…]`)
@@ -29,11 +33,21 @@ def polars_schema() -> pl.Schema:
 
 
 def scan_sessions(
-    output: str | Path, *, latest: bool = True, storage_options: dict[str, Any] | None = None
+    output: str | Path,
+    *,
+    latest: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    table_format: str | None = None,
 ) -> pl.LazyFrame:
     """Every stored session (`latest=True`: its latest version only; else every version),
-    with the contract's columns in order plus `created_date` (a Date)."""
+    with the contract's columns in order plus `created_date` (a Date). `table_format`:
+    `"parquet"` or `"delta"`; by default Delta when `<output>/sessions/_delta_log/` exists."""
     base = str(output).rstrip("/")
+    if (table_format or ("delta" if is_delta_output(base) else "parquet")).lower() == "delta":
+        from pipeline.dataset.delta import require_deltalake, scan_delta_sessions
+
+        require_deltalake()
+        return scan_delta_sessions(base, latest=latest, storage_options=storage_options)
     options = _object_store_options(base, storage_options)
     columns = [*SCHEMA.names, PARTITION_KEY]
     local = "://" not in base or base.startswith("file://")
@@ -54,6 +68,16 @@ def scan_sessions(
     return frame.sort(
         ["updated_at", "extracted_at"], descending=True, nulls_last=True
     ).unique(subset=[PARTITION_KEY, "id"], keep="first")
+
+
+def is_delta_output(output: str) -> bool:
+    """Whether `output` holds the Delta tables (a `sessions/_delta_log/` directory)."""
+    try:
+        storage = Storage(output)
+        log_dir = storage.full_path(f"{DATASET_DIR}/_delta_log")
+        return storage.fs.get_file_info(log_dir).type == pafs.FileType.Directory
+    except (ExportError, OSError, pa.ArrowException):
+        return False  # a bad or unreachable output: the Parquet scan reports it
 
 
 def _object_store_options(base: str, given: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -24,9 +24,15 @@ COLUMNS = ("created_date", "sessions", "versions", "active", "closed", "expired"
 
 
 def daily_stats(
-    output: str, since: date | None, until: date | None, now_ms: int, top: int = TOP_TYPES
+    output: str,
+    since: date | None,
+    until: date | None,
+    now_ms: int,
+    top: int = TOP_TYPES,
+    table_format: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per partition between `since` and `until` (inclusive), oldest first."""
+    """One row per partition between `since` and `until` (inclusive), oldest first; a Delta
+    output's from its two tables (`scan_sessions`' `table_format`)."""
     day = pl.col(PARTITION_KEY)
     wanted = pl.lit(True)
     if since is not None:
@@ -34,7 +40,7 @@ def daily_stats(
     if until is not None:
         wanted &= day <= until
     versions = (
-        scan_sessions(output, latest=False)
+        scan_sessions(output, latest=False, table_format=table_format)
         .filter(wanted)
         .group_by(PARTITION_KEY)
         .agg(versions=pl.len())
@@ -43,7 +49,7 @@ def daily_stats(
     closed = pl.col("closed_at").is_not_null()
     expired = ~closed & pl.col("expires_at").is_not_null() & (pl.col("expires_at") <= now)
     latest = (
-        scan_sessions(output)
+        scan_sessions(output, table_format=table_format)
         .filter(wanted)
         .select(PARTITION_KEY, "type", closed=closed, expired=expired)
     )

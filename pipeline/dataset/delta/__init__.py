@@ -8,13 +8,15 @@ sink, `known_versions(...)` for the re-read windows; the commands call `compact_
 from pipeline.dataset.delta.commit import DeltaConflict
 from pipeline.dataset.delta.maintain import (
     CompactReport,
+    DeltaTableStatus,
     DeltaVerifyReport,
     compact_delta,
     delta_dataset,
+    delta_status,
     scan_delta_sessions,
     verify_delta,
 )
-from pipeline.dataset.delta.recover import DeltaRecovery, known_versions, recover
+from pipeline.dataset.delta.recover import DeltaRecovery, known_versions, recover, recover_all
 from pipeline.dataset.delta.sink import DeltaSink, DeltaWritten
 from pipeline.dataset.delta.tables import (
     DELTA_SCHEMA,
@@ -35,12 +37,15 @@ __all__ = [
     "DeltaOutput",
     "DeltaRecovery",
     "DeltaSink",
+    "DeltaTableStatus",
     "DeltaVerifyReport",
     "DeltaWritten",
     "compact_delta",
     "delta_dataset",
+    "delta_status",
     "known_versions",
     "recover",
+    "recover_all",
     "require_deltalake",
     "scan_delta_sessions",
     "verify_delta",

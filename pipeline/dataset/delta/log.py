@@ -88,3 +88,25 @@ def read_added(table: Storage, adds: tuple[tuple[str, dict[str, str]], ...],
             data = data.append_column(name, column)
         parts.append(data.select(schema.names).cast(schema))
     return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
+def app_ids(table: Storage) -> set[str]:
+    """Every app id with a txn in the table: the newest checkpoint's, then the commits after."""
+    commits, checkpoints = log_versions(table)
+    found: set[str] = set()
+    start = 0
+    if checkpoints:
+        start = checkpoints[-1] + 1
+        prefix = f"{LOG_DIR}/{checkpoints[-1]:020d}.checkpoint"
+        for part in table.list_files(LOG_DIR):
+            if part.path.startswith(prefix):
+                txns = table.read_table(part.path, columns=["txn"]).column("txn").to_pylist()
+                found.update(t["appId"] for t in txns if t)
+    for version in (v for v in commits if v >= start):
+        data = table.read_bytes(f"{LOG_DIR}/{version:020d}.json") or b""
+        for line in data.splitlines():
+            if b'"txn"' in line:
+                action = json.loads(line)
+                if "txn" in action:
+                    found.add(action["txn"]["appId"])
+    return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -14,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from pipeline.dataset.delta.commit import newest_per_id
-from pipeline.dataset.delta.log import LOG_DIR, log_versions
+from pipeline.dataset.delta.log import LOG_DIR, app_ids, log_versions
 from pipeline.dataset.delta.tables import LATEST_DIR, VERSIONS_DIR, DeltaOutput
 from pipeline.dataset.schema import PARTITION_KEY, SCHEMA
 from pipeline.errors import UsageError
@@ -41,12 +42,9 @@ def compact_delta(
     output: DeltaOutput, retention: timedelta = DEFAULT_RETENTION, force: bool = False
 ) -> list[CompactReport]:
     """OPTIMIZE (bin-pack each partition), a checkpoint, then VACUUM of files unreferenced
-    for longer than `retention`, on both tables; under an hour only with `force`."""
-    if retention < MIN_RETENTION and not force:
-        raise UsageError(
-            f"a VACUUM retention of {retention} is under {MIN_RETENTION}: readers still "
-            "using older versions would lose files; pass force to do it anyway"
-        )
+    for longer than `retention` (rounded up to whole hours, as Delta counts it), on both
+    tables; under an hour only with `force`."""
+    check_retention(retention, force)
     reports = []
     for name in (VERSIONS_DIR, LATEST_DIR):
         if not output.exists(name):
@@ -55,12 +53,21 @@ def compact_delta(
         metrics = table.optimize.compact()
         table.create_checkpoint()
         removed = table.vacuum(
-            retention_hours=int(retention.total_seconds() // 3600), dry_run=False,
+            retention_hours=math.ceil(retention.total_seconds() / 3600), dry_run=False,
             enforce_retention_duration=False,
         )
         reports.append(CompactReport(name, metrics.get("numFilesRemoved", 0),
                                      metrics.get("numFilesAdded", 0), len(removed)))
     return reports
+
+
+def check_retention(retention: timedelta, force: bool) -> None:
+    """A usage error (exit 2) for a VACUUM retention under an hour, unless forced."""
+    if retention < MIN_RETENTION and not force:
+        raise UsageError(
+            f"a VACUUM retention of {retention} is under {MIN_RETENTION}: readers still "
+            "using older versions would lose files; add --force (force=True) to do it anyway"
+        )
 
 
 @dataclass
@@ -170,3 +177,32 @@ def delta_dataset(output: DeltaOutput, latest: bool = True) -> ds.Dataset:
     """The latest view (`latest=False`: every version) as a pyarrow dataset, read in
     batches: what `load duckdb`, `load postgres` and `stats` stream from."""
     return output.open(LATEST_DIR if latest else VERSIONS_DIR, create=False).to_pyarrow_dataset()
+
+
+@dataclass(frozen=True)
+class DeltaTableStatus:
+    """One table as `state show` reports it."""
+
+    table: str
+    version: int | None  # None: no table yet
+    flushes: tuple[tuple[str, int], ...] = ()  # (app id, newest committed generation)
+
+    def line(self) -> str:
+        if self.version is None:
+            return f"{self.table}: no Delta table yet"
+        done = ", ".join(f"{app} flush {generation}" for app, generation in self.flushes)
+        return f"{self.table}: version {self.version}; {done or 'no flush committed'}"
+
+
+def delta_status(output: DeltaOutput) -> list[DeltaTableStatus]:
+    """Each table's version and, per app id, the newest flush (txn) it committed."""
+    found = []
+    for name in (VERSIONS_DIR, LATEST_DIR):
+        if not output.exists(name):
+            found.append(DeltaTableStatus(name, None))
+            continue
+        table = output.open(name, create=False)
+        apps = sorted(app_ids(Storage(output.table_uri(name))))
+        flushes = tuple((app, table.transaction_version(app) or 0) for app in apps)
+        found.append(DeltaTableStatus(name, table.version(), flushes))
+    return found

@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.dataset.delta.commit import CHECKPOINT_KEY, apply_latest
-from pipeline.dataset.delta.log import LogCommit, commits_since, read_added
+from pipeline.dataset.delta.log import LogCommit, app_ids, commits_since, read_added
 from pipeline.dataset.delta.tables import DELTA_SCHEMA, LATEST_DIR, VERSIONS_DIR, DeltaOutput
 from pipeline.dataset.layout import DataFile, version_keys
 from pipeline.dataset.versions import StoredVersions
@@ -52,6 +52,15 @@ def recover(output: DeltaOutput, app_id: str) -> DeltaRecovery:
         apply_latest(output, rows, app_id, int(commit.txn or 0), _checkpoint_of(commit))
     checkpoint = _checkpoint_of(newest) if newest is not None else None
     return DeltaRecovery(ahead, checkpoint, tuple(int(c.txn or 0) for c in reversed(missing)))
+
+
+def recover_all(output: DeltaOutput) -> dict[str, DeltaRecovery]:
+    """`recover` for every app id that committed to `sessions_versions`: what a command
+    that is not the writer (`compact`) runs first, not knowing which job was cut."""
+    if not output.exists(VERSIONS_DIR):
+        return {}
+    return {app: recover(output, app)
+            for app in sorted(app_ids(Storage(output.table_uri(VERSIONS_DIR))))}
 
 
 def _checkpoint_of(commit: LogCommit) -> dict[str, Any] | None:
