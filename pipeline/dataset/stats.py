@@ -72,23 +72,26 @@ def daily_stats(
     except (pl.exceptions.PolarsError, OSError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else error
         raise StorageError(f"cannot read the dataset at {output}: {first_line}") from None
+    return _rows(days, kinds)
+
+
+def _rows(days: pl.DataFrame, kinds: pl.DataFrame) -> list[dict[str, Any]]:
+    """The per-day rows, oldest first, each with its top types."""
     top_of: dict[date, dict[str, int]] = {}
     for row in kinds.iter_rows(named=True):
         top_of.setdefault(row[PARTITION_KEY], {})[row["type"] or "(none)"] = row["count"]
-    rows = []
-    for row in days.sort(PARTITION_KEY).iter_rows(named=True):
-        rows.append(
-            {
-                "created_date": row[PARTITION_KEY].isoformat(),
-                "sessions": row["sessions"],
-                "versions": row["versions"],
-                "active": row["sessions"] - row["closed"] - row["expired"],
-                "closed": row["closed"],
-                "expired": row["expired"],
-                "top_types": top_of.get(row[PARTITION_KEY], {}),
-            }
-        )
-    return rows
+    return [
+        {
+            "created_date": row[PARTITION_KEY].isoformat(),
+            "sessions": row["sessions"],
+            "versions": row["versions"],
+            "active": row["sessions"] - row["closed"] - row["expired"],
+            "closed": row["closed"],
+            "expired": row["expired"],
+            "top_types": top_of.get(row[PARTITION_KEY], {}),
+        }
+        for row in days.sort(PARTITION_KEY).iter_rows(named=True)
+    ]
 
 
 def _types_text(types: dict[str, int]) -> str:
