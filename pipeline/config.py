@@ -512,9 +512,6 @@ def _check_values(values: dict[str, Any]) -> None:
             raise UsageError(f"{name} must be {bound}, got {value}")
         if option_.choices and str(value).lower() not in option_.choices:
             raise UsageError(f"{name} must be {', '.join(option_.choices)}, got {value!r}")
-    if values["table_format"].lower() == "delta":
-        # declared now so configs and flags are stable; the Delta sink comes later
-        raise UsageError("table_format delta is not available yet: use parquet (the default)")
     parse_duration_ms(values["lookback"], "lookback")
     parse_duration_ms(values["rescan"], "rescan")
     key_env = values["secret_key_env"]

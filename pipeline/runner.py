@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from pipeline.api.client import ClientSettings, TriggerClient
     from pipeline.dataset.delta import DeltaOutput
     from pipeline.jobs.core import RunSummary
+    from pipeline.jobs.target import DatasetTarget
 
 Echo = Callable[[str], Any]
 
@@ -43,6 +44,17 @@ def delta_output(settings: Settings) -> DeltaOutput:
 
     require_deltalake()
     return DeltaOutput.at(settings.output)
+
+
+def dataset_target(settings: Settings) -> DatasetTarget:
+    """Where an export job writes: Parquet files, or the Delta tables (`table_format`)."""
+    if is_delta(settings):
+        from pipeline.jobs.delta_target import DeltaTarget
+
+        return DeltaTarget(delta_output(settings), output_storage(settings))
+    from pipeline.jobs.target import ParquetTarget
+
+    return ParquetTarget(output_storage(settings))
 
 
 def state_store(settings: Settings) -> StateStore:
@@ -95,10 +107,11 @@ def run_export(
     )
     try:
         state = state_store(settings)
+        target = dataset_target(settings)
         summary = _drive(
             settings,
             lambda client: IncrementalRun(
-                client, output_storage(settings), state, options, on_progress=display
+                client, target.output, state, options, on_progress=display, target=target
             ),
             1,
             display,
@@ -141,10 +154,11 @@ def run_backfill(
         restart=restart,
     )
     state_storage = state_store(settings).storage
+    target = dataset_target(settings)
     return _drive(
         settings,
         lambda client: BackfillRun(
-            client, output_storage(settings), state_storage, options, on_progress=display
+            client, target.output, state_storage, options, on_progress=display, target=target
         ),
         settings.concurrency,
         display,

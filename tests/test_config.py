@@ -212,18 +212,13 @@ def test_jobs_and_client_options_take_their_defaults_from_settings():
         "https://x.example", 5.0, Settings().max_attempts, 3)
 
 
-def test_table_format_delta_is_not_available_yet(tmp_path):
+def test_table_format_is_parquet_or_delta(tmp_path):
     assert Settings().table_format == "parquet"
     assert load_settings(None, {"table_format": "parquet"}, {}).table_format == "parquet"
-    with pytest.raises(UsageError, match="delta is not available yet"):
-        Settings.build(table_format="delta")
+    assert Settings.build(table_format="delta").table_format == "delta"
+    assert load_settings(write(tmp_path, 'table_format = "delta"\n'), {}, {}).table_format == "delta"
     with pytest.raises(UsageError, match="table_format must be parquet, delta"):
         load_settings(write(tmp_path, 'table_format = "orc"\n'), {}, {})
-    for command in (["verify"], ["load", "duckdb", "--database", str(tmp_path / "d.db")]):
-        out = subprocess.run([sys.executable, "-m", "pipeline", *command, "--output", str(tmp_path / "o"),
-                              "--table-format", "delta"], capture_output=True, text=True, cwd=ROOT)
-        assert out.returncode == 2, out
-        assert out.stderr.strip().count("\n") == 0 and "not available yet" in out.stderr
 
 
 def test_settings_are_typed_fields_not_a_lookup():

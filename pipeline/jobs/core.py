@@ -496,9 +496,12 @@ def finish_report(
     extra: dict[str, object],
     seconds: float,
     branch: str | None = None,
+    partitions: list[str] | None = None,
 ) -> RunSummary:
-    """Write the run's manifest (`_runs/<run>.json`) and return its summary."""
-    partitions = sorted({partition_of(path) for path in files})
+    """Write the run's manifest (`_runs/<run>.json`) and return its summary; `partitions`
+    touched (default: those of the data files `files`)."""
+    if partitions is None:
+        partitions = sorted({partition_of(path) for path in files})
     RunManifest(
         run_id=run_id,
         mode=mode,
