@@ -45,7 +45,8 @@ def partition_rows(output: DeltaOutput, first_day: str, last_day: str) -> int:
     from the log's file statistics."""
     if not output.exists(LATEST_DIR):
         return 0
-    actions = output.open(LATEST_DIR, create=False).get_add_actions(flatten=True)
+    # delta-rs hands back an arro3 table: read it through the Arrow C interface
+    actions = pa.table(output.open(LATEST_DIR, create=False).get_add_actions(flatten=True))
     days = actions[f"partition.{PARTITION_KEY}"].cast(pa.string())
     inside = pc.and_(pc.greater_equal(days, first_day), pc.less_equal(days, last_day))
     return int(pc.sum(actions["num_records"].filter(inside)).as_py() or 0)
