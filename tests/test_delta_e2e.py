@@ -3,6 +3,7 @@ two Delta tables read back and compared with the emulator's truth, field by fiel
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -137,6 +138,8 @@ def test_kill_9_at_random_moments_then_resume_is_exact(emulator, tmp_path):
     assert result.returncode == 0, result.stderr
     snapshots.append(emulator_sessions(emu.url))
     assert_tables_exact(output, snapshots)
+    manifests = [json.loads(p.read_text()) for p in Path(output, "_runs").glob("*.json")]
+    assert {m["mode"] for m in manifests if m["resumed"]} == {"incremental", "backfill"}
 
 
 def test_a_second_run_exits_75_and_nothing_is_lost(emulator, gate, tmp_path):
