@@ -142,6 +142,21 @@ def test_kill_9_at_random_moments_then_resume_is_exact(emulator, tmp_path):
     assert {m["mode"] for m in manifests if m["resumed"]} == {"incremental", "backfill"}
 
 
+def test_all_environments_write_their_own_delta_tables(emulator, tmp_path):
+    emu = emulator(sessions=500, days=2, list_trigger_config="include")
+    lines = [f'api_url = "{emu.url}"', 'table_format = "delta"', "flush_rows = 150", ""]
+    for name in ("alpha", "beta"):
+        lines += [f"[environments.{name}]", f'output = "{tmp_path / name}"']
+    config = tmp_path / "environments.toml"
+    config.write_text("\n".join(lines) + "\n")
+    result = run_cli("run", "--config", str(config), "--all-environments", "--parallel", "2")
+    assert result.returncode == 0, result.stderr
+    truth = emulator_sessions(emu.url)
+    for name in ("alpha", "beta"):
+        assert_tables_exact(str(tmp_path / name), [truth])
+        assert not list(Path(tmp_path, name, "sessions").glob("*/part-2*.parquet"))
+
+
 def test_a_second_run_exits_75_and_nothing_is_lost(emulator, gate, tmp_path):
     emu = emulator(sessions=1500, days=2, list_trigger_config="include")
     held = gate(emu.url, 4)
