@@ -404,6 +404,7 @@ class BackfillRun:
             floor=lambda: scheduler.floor(window),
             flush_rows=writer.sink.flush_rows,
             on_page=lambda page: scheduler.fetched(window, page),
+            ahead_rows=self.target.ahead_rows(writer.sink.flush_rows),
         )
         drain(
             stream,

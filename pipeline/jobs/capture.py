@@ -142,7 +142,10 @@ class ChangeCapture:
         before = writer.counts
         listing = listing_for(Window(None, None), {**filters, "status": "ACTIVE"})
         drain(
-            batch_stream(self.client, listing, flush_rows=writer.sink.flush_rows),
+            batch_stream(
+                self.client, listing, flush_rows=writer.sink.flush_rows,
+                ahead_rows=self.target.ahead_rows(writer.sink.flush_rows),
+            ),
             self.rows,
             writer,
             run_id,

@@ -274,7 +274,10 @@ class IncrementalRun:
         resume = WalkState.from_dict(progress.walked.walk) if progress.walked.walk else None
         listing = listing_for(progress.window, progress.filters)
         drain(
-            batch_stream(self.client, listing, resume, flush_rows=self.options.flush_rows),
+            batch_stream(
+                self.client, listing, resume, flush_rows=self.options.flush_rows,
+                ahead_rows=self.target.ahead_rows(self.options.flush_rows),
+            ),
             run.preparer,
             writer,
             progress.run_id,

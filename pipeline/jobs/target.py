@@ -28,6 +28,10 @@ class DatasetTarget(Protocol):
 
     output: Storage  # where the run manifests (`_runs/`) go
 
+    def ahead_rows(self, flush_rows: int) -> int:
+        """Rows a walk may fetch ahead of the writer while it flushes (0: two batches)."""
+        ...
+
     def begin(self, run_id: str, recorded: Sequence[str], resumed: bool) -> None:
         """Before the first flush of `run_id` (under the run lock): make a resumed run's
         leftovers harmless; `recorded` are the flushes its state holds."""
@@ -60,6 +64,9 @@ class ParquetTarget:
 
     def __init__(self, output: Storage) -> None:
         self.output = output
+
+    def ahead_rows(self, flush_rows: int) -> int:
+        return 0  # a flush writes in milliseconds: two batches ahead keep the walk busy
 
     def begin(self, run_id: str, recorded: Sequence[str], resumed: bool) -> None:
         if resumed:
