@@ -1,6 +1,4 @@
 import dataclasses
-import subprocess
-import sys
 import typing
 from pathlib import Path
 

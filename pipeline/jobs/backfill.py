@@ -309,7 +309,11 @@ class BackfillRun:
                 f"completed as run {state.run_id}; pass --restart to export the range again"
             )
         if state is None or self.options.restart:
+            if state is not None and self.target.run_tagged_commits:
+                self.target.begin(state.run_id, state.files(), resumed=True)
             state = self._new_state()
+            if self.target.run_tagged_commits:
+                self.store.save(state)
             self.target.begin(state.run_id, [], resumed=False)
             return state
         self.resumed = True

@@ -27,6 +27,9 @@ from pipeline.store.storage import Storage
 class DeltaTarget:
     """`sessions/` (latest view) and `sessions_versions/` under the output."""
 
+    # a kill between a run's first two commits must leave its id to the next start's recover
+    run_tagged_commits = True
+
     def __init__(self, tables: DeltaOutput, output: Storage) -> None:
         self.tables = tables
         self.output = output

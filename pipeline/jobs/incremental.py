@@ -153,6 +153,8 @@ class IncrementalRun:
             progress = self._resume(progress)
         else:
             progress = self._start(checkpoint)
+            if self.target.run_tagged_commits:
+                self.state.save(replace(checkpoint, in_progress=progress))
         self.target.begin(progress.run_id, progress.walked.files, resumed)
         captures = self.options.track_active and "status" not in progress.filters
         filler = None

@@ -27,6 +27,10 @@ class DatasetTarget(Protocol):
     """The output's table format, as a job sees it."""
 
     output: Storage  # where the run manifests (`_runs/`) go
+    # flushes are commits tagged with the run id, which the next start must know to finish
+    # a half-done one: a new run's state is saved before its first flush, and a restarted
+    # backfill's old run is finished first
+    run_tagged_commits: bool
 
     def ahead_rows(self, flush_rows: int) -> int:
         """Rows a walk may fetch ahead of the writer while it flushes (0: two batches)."""
@@ -61,6 +65,8 @@ class DatasetTarget(Protocol):
 
 class ParquetTarget:
     """Hive-partitioned Parquet files under `sessions/`, one per partition per flush."""
+
+    run_tagged_commits = False  # files of an unrecorded run are never read back
 
     def __init__(self, output: Storage) -> None:
         self.output = output
