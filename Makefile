@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: install bytecode demo test test-fast lint bench bench-faults bench-backfill bench-walk \
-	bench-dataset bench-compact bench-refresh bench-versions bench-load bench-environments bench-delta clean
+	bench-dataset bench-compact bench-refresh bench-versions bench-load bench-environments bench-delta bench-delta-export clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -88,3 +88,8 @@ DELTA_ROWS ?= 10000000
 bench-delta: bytecode
 	mkdir -p output
 	$(BIN)/python -m bench.delta --rows $(DELTA_ROWS) --out-dir output
+
+## A first export of 1,000,000 sessions into Delta next to the same into Parquet: wall time
+## and peak RSS of each, and the ratios against the targets (≤ 1.3× time, ≤ 1.5× RSS).
+bench-delta-export: bytecode
+	$(BIN)/python -m bench.delta_export

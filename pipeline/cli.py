@@ -202,13 +202,10 @@ def backfill(settings: Settings, restart: bool) -> None:
 def compact(settings: Settings) -> None:
     """Rewrite partitions so that each holds one row per session id, the latest version.
     Delta: OPTIMIZE (bin-pack each partition), a checkpoint, then VACUUM (--retention)."""
-    from pipeline.runner import compact_dataset, compact_delta_output
+    from pipeline.runner import compact_dataset
 
     _use_lean_memory_pool()
-    if is_delta(settings):
-        compact_delta_output(settings, click.echo)
-    else:
-        compact_dataset(settings, None, click.echo)
+    compact_dataset(settings, None, click.echo)
 
 
 @cli.command()

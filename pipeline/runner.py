@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from pipeline.api.client import ClientSettings, TriggerClient
     from pipeline.dataset.delta import DeltaOutput
     from pipeline.jobs.core import RunSummary
+    from pipeline.jobs.target import DatasetTarget
 
 Echo = Callable[[str], Any]
 
@@ -33,7 +34,26 @@ def output_storage(settings: Settings) -> Storage:
 
 
 def is_delta(settings: Settings) -> bool:
-    return settings.table_format.lower() == "delta"
+    """Whether the output is the Delta tables; a usage error when `table_format` names the
+    other format than the one the output already holds (a Parquet `compact` would delete
+    files a Delta log names; Delta commits beside Parquet files would hide them)."""
+    delta = settings.table_format.lower() == "delta"
+    sessions = output_storage(settings).child("sessions")
+    holds_delta = any(
+        sessions.read_bytes(f"_delta_log/{name}") is not None
+        for name in ("_last_checkpoint", "00000000000000000000.json")
+    )
+    if holds_delta and not delta:
+        raise UsageError(
+            f"{sessions.uri} holds a Delta table: pass --table-format delta "
+            '(table_format = "delta" in the config)'
+        )
+    if delta and not holds_delta and sessions.list_files():
+        raise UsageError(
+            f"{sessions.uri} holds Parquet files, not a Delta table: export Delta into another "
+            "output, or drop --table-format delta"
+        )
+    return delta
 
 
 def delta_output(settings: Settings) -> DeltaOutput:
@@ -43,6 +63,17 @@ def delta_output(settings: Settings) -> DeltaOutput:
 
     require_deltalake()
     return DeltaOutput.at(settings.output)
+
+
+def dataset_target(settings: Settings) -> DatasetTarget:
+    """Where an export job writes: Parquet files, or the Delta tables (`table_format`)."""
+    if is_delta(settings):
+        from pipeline.jobs.delta_target import DeltaTarget
+
+        return DeltaTarget(delta_output(settings), output_storage(settings))
+    from pipeline.jobs.target import ParquetTarget
+
+    return ParquetTarget(output_storage(settings))
 
 
 def state_store(settings: Settings) -> StateStore:
@@ -95,10 +126,11 @@ def run_export(
     )
     try:
         state = state_store(settings)
+        target = dataset_target(settings)
         summary = _drive(
             settings,
             lambda client: IncrementalRun(
-                client, output_storage(settings), state, options, on_progress=display
+                client, target.output, state, options, on_progress=display, target=target
             ),
             1,
             display,
@@ -141,10 +173,11 @@ def run_backfill(
         restart=restart,
     )
     state_storage = state_store(settings).storage
+    target = dataset_target(settings)
     return _drive(
         settings,
         lambda client: BackfillRun(
-            client, output_storage(settings), state_storage, options, on_progress=display
+            client, target.output, state_storage, options, on_progress=display, target=target
         ),
         settings.concurrency,
         display,
@@ -181,8 +214,13 @@ def touched_partitions(settings: Settings, run_id: str) -> list[str]:
 
 
 def compact_dataset(settings: Settings, only: list[str] | None, echo: Echo | None) -> None:
-    """`compact`: every partition, or `only` those, under the run lock."""
+    """`compact`: every partition, or `only` those, under the run lock (a Delta output:
+    OPTIMIZE, checkpoint and VACUUM of both tables)."""
     from pipeline.dataset.compact import compact
+
+    if is_delta(settings):
+        compact_delta_output(settings, echo)
+        return
     from pipeline.jobs.core import new_run_id, wall_clock_ms
     from pipeline.store.lock import lock_holder
 

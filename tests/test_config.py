@@ -216,6 +216,7 @@ def test_table_format_is_parquet_or_delta(tmp_path):
     assert Settings().table_format == "parquet"
     assert load_settings(None, {"table_format": "parquet"}, {}).table_format == "parquet"
     assert Settings.build(table_format="delta").table_format == "delta"
+    assert load_settings(write(tmp_path, 'table_format = "delta"\n'), {}, {}).table_format == "delta"
     with pytest.raises(UsageError, match="table_format must be parquet, delta"):
         load_settings(write(tmp_path, 'table_format = "orc"\n'), {}, {})
     out = subprocess.run([sys.executable, "-m", "pipeline", "verify", "--output", str(tmp_path / "o"),

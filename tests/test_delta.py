@@ -101,7 +101,8 @@ def test_a_replayed_flush_is_a_no_op(tmp_path: Path) -> None:
     versions = [DeltaTable(out.table_uri(n)).version() for n in (LATEST_DIR, VERSIONS_DIR)]
     again = DeltaSink(out, APP, 0, 1, 1 << 30)  # a writer that did not see the commit
     again.add(table)
-    assert [w.path for w in again.flush(0, {"next_batch": 1})] == [VERSIONS_DIR, LATEST_DIR]
+    assert again.flush(0, {"next_batch": 1}) == []  # both commits skipped: nothing logged
+    assert [w.path for w in again.written] == [VERSIONS_DIR, LATEST_DIR]
     assert [DeltaTable(out.table_uri(n)).version() for n in (LATEST_DIR, VERSIONS_DIR)] == versions
     sink.add(table)  # the same rows under a new generation: an empty commit each
     sink.flush(1, {"next_batch": 1})

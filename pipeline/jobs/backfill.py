@@ -24,13 +24,11 @@ from dataclasses import dataclass
 
 from pipeline.api.client import TriggerClient
 from pipeline.api.walker import WalkedPage, WalkState
-from pipeline.dataset.sink import ParquetSink
 from pipeline.errors import UsageError
 from pipeline.jobs.core import (
     Clock,
     Flushed,
     FlushingWriter,
-    KnownVersions,
     RowPreparer,
     RunSummary,
     batch_stream,
@@ -38,11 +36,11 @@ from pipeline.jobs.core import (
     finish_report,
     listing_for,
     new_run_id,
-    remove_unrecorded,
     request_counts,
     wall_clock_ms,
 )
 from pipeline.jobs.enrich import TriggerConfigFiller
+from pipeline.jobs.target import DatasetTarget, ParquetTarget
 from pipeline.store.lock import lock_holder
 from pipeline.store.state import (
     BackfillState,
@@ -258,9 +256,11 @@ class BackfillRun:
         options: BackfillOptions,
         clock: Clock = wall_clock_ms,
         on_progress: Progress | None = None,
+        target: DatasetTarget | None = None,
     ) -> None:
         self.client = client
         self.output = output
+        self.target = target or ParquetTarget(output)
         self.options = options
         self.clock = clock
         self.on_progress = on_progress
@@ -309,9 +309,15 @@ class BackfillRun:
                 f"completed as run {state.run_id}; pass --restart to export the range again"
             )
         if state is None or self.options.restart:
-            return self._new_state()
+            if state is not None and self.target.run_tagged_commits:
+                self.target.begin(state.run_id, state.files(), resumed=True)
+            state = self._new_state()
+            if self.target.run_tagged_commits:
+                self.store.save(state)
+            self.target.begin(state.run_id, [], resumed=False)
+            return state
         self.resumed = True
-        remove_unrecorded(self.output, state.run_id, state.files())
+        self.target.begin(state.run_id, state.files(), resumed=True)
         left = sum(1 for w in state.windows if not w.done)
         log.info(
             "resuming backfill %s: %d of %d windows unfinished",
@@ -384,8 +390,7 @@ class BackfillRun:
         state = scheduler.state
         concurrency = self.options.concurrency
         writer = FlushingWriter(
-            ParquetSink(
-                self.output,
+            self.target.sink(
                 f"{state.run_id}-w{window.wid:04d}",
                 max(1000, self.options.flush_rows // concurrency),
                 self.options.flush_bytes // concurrency,
@@ -394,8 +399,7 @@ class BackfillRun:
             first_seq=window.walked.flush_seq,
         )
         bounds = Window(window.from_ms, window.to_ms)
-        # this run's files are left out: a resumed window rewrites them under the same names
-        known = KnownVersions.stored(self.output, bounds, state.run_id, share=concurrency)
+        known = self.target.known(bounds, state.run_id, share=concurrency)
         resume = WalkState.from_dict(window.walked.walk) if window.walked.walk else None
         stream = batch_stream(
             self.client,
@@ -404,6 +408,7 @@ class BackfillRun:
             floor=lambda: scheduler.floor(window),
             flush_rows=writer.sink.flush_rows,
             on_page=lambda page: scheduler.fetched(window, page),
+            ahead_rows=self.target.ahead_rows(writer.sink.flush_rows),
         )
         drain(
             stream,
@@ -432,6 +437,7 @@ class BackfillRun:
             finished_ms=self.clock(),
             totals=state.totals() + Counters(single_fetches=fetches),
             files=state.files(),
+            partitions=self.target.partitions(state.files()),
             resumed=int(self.resumed),
             high_water_ms=None,
             extra={

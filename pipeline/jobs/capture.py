@@ -14,7 +14,7 @@ import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import pyarrow as pa
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.api.client import PAGE_SIZE, TriggerClient
 from pipeline.api.walker import WalkedPage
-from pipeline.dataset.layout import day_of, file_rows, files_by_partition, version_keys
+from pipeline.dataset.layout import version_keys
 from pipeline.jobs.core import (
     FlushingWriter,
     KnownVersions,
@@ -35,7 +35,9 @@ from pipeline.jobs.core import (
     wall_clock_ms,
 )
 from pipeline.store.state import ACTIVE_SCHEMA, ActiveSetBuilder, Counters, Window
-from pipeline.store.storage import Storage
+
+if TYPE_CHECKING:
+    from pipeline.jobs.target import DatasetTarget
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +102,13 @@ class ChangeCapture:
     def __init__(
         self,
         client: TriggerClient,
-        output: Storage,
+        target: DatasetTarget,
         rows: RowPreparer,
         previous_active: pa.Table,
         concurrency: int,
     ) -> None:
         self.client = client
-        self.output = output
+        self.target = target
         self.rows = rows
         self.previous = previous_active
         self.concurrency = concurrency
@@ -140,7 +142,10 @@ class ChangeCapture:
         before = writer.counts
         listing = listing_for(Window(None, None), {**filters, "status": "ACTIVE"})
         drain(
-            batch_stream(self.client, listing, flush_rows=writer.sink.flush_rows),
+            batch_stream(
+                self.client, listing, flush_rows=writer.sink.flush_rows,
+                ahead_rows=self.target.ahead_rows(writer.sink.flush_rows),
+            ),
             self.rows,
             writer,
             run_id,
@@ -174,7 +179,7 @@ class ChangeCapture:
         before = writer.counts
         low = pc.min(departed["created_ms"]).as_py()
         high = pc.max(departed["created_ms"]).as_py()
-        estimated_pages = 2 * math.ceil(self._stored_rows(low, high) / PAGE_SIZE)
+        estimated_pages = 2 * math.ceil(self.target.stored_rows(low, high) / PAGE_SIZE)
         remaining = set(departed["id"].to_pylist())
         strategy = "get each"
         if estimated_pages < len(remaining):
@@ -209,15 +214,6 @@ class ChangeCapture:
         else:
             writer.add(None, fetches=len(ids))
         writer.commit_if_due(None)
-
-    def _stored_rows(self, low_ms: int, high_ms: int) -> int:
-        """Rows the dataset holds in the partitions of a createdAt span (file footers only)."""
-        first, last = day_of(low_ms), day_of(high_ms)
-        total = 0
-        for day, files in files_by_partition(self.output).items():
-            if first <= day <= last:
-                total += sum(file_rows(self.output, f.path) for f in files)
-        return total
 
 
 def _departed_rows(batch: list[WalkedPage], remaining: set[str]) -> list[WalkedPage]:

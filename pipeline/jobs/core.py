@@ -72,17 +72,19 @@ def batch_stream(
     floor: Callable[[], int | None] | None = None,
     flush_rows: int = BATCH_ROWS,
     on_page: Callable[[WalkedPage], None] | None = None,
+    ahead_rows: int = 0,
 ) -> Iterator[list[WalkedPage]]:
     """A listing's pages in batches (`batched`), grouped by the walking thread: the consumer
     is woken once a batch, not once a page, and the next batch is walked meanwhile. A batch
     never holds more rows than a flush (`flush_rows`), so flushes come as often as asked.
     `floor` is the walk's lower createdAt bound, asked before every request (`walk_listing`);
-    `on_page` sees each page on the walking thread, as soon as it is walked."""
+    `on_page` sees each page on the walking thread, as soon as it is walked; `ahead_rows`:
+    how far the walk may run ahead of the consumer (at least two batches)."""
     rows = min(BATCH_ROWS, flush_rows)
     pages = walk_listing(client.list_sessions, listing, state, floor)
     if on_page is not None:
         pages = _watched(pages, on_page)
-    return prefetched(batched(pages, rows))
+    return prefetched(batched(pages, rows), depth=max(2, -(-ahead_rows // rows)))
 
 
 def _watched(
@@ -496,9 +498,12 @@ def finish_report(
     extra: dict[str, object],
     seconds: float,
     branch: str | None = None,
+    partitions: list[str] | None = None,
 ) -> RunSummary:
-    """Write the run's manifest (`_runs/<run>.json`) and return its summary."""
-    partitions = sorted({partition_of(path) for path in files})
+    """Write the run's manifest (`_runs/<run>.json`) and return its summary; `partitions`
+    touched (default: those of the data files `files`)."""
+    if partitions is None:
+        partitions = sorted({partition_of(path) for path in files})
     RunManifest(
         run_id=run_id,
         mode=mode,

@@ -22,7 +22,6 @@ import pyarrow.compute as pc
 from pipeline.api.client import TriggerClient
 from pipeline.api.walker import WalkState
 from pipeline.dataset.layout import version_keys
-from pipeline.dataset.sink import ParquetSink
 from pipeline.jobs.capture import ChangeCapture, PartCost, active_rows, live_mask
 from pipeline.jobs.core import (
     Clock,
@@ -37,10 +36,10 @@ from pipeline.jobs.core import (
     finish_report,
     listing_for,
     new_run_id,
-    remove_unrecorded,
     wall_clock_ms,
 )
 from pipeline.jobs.enrich import TriggerConfigFiller
+from pipeline.jobs.target import DatasetTarget, ParquetTarget
 from pipeline.store.lock import lock_holder
 from pipeline.store.state import (
     ACTIVE_SCHEMA,
@@ -124,6 +123,7 @@ class IncrementalRun:
         options: RunOptions,
         clock: Clock = wall_clock_ms,
         on_progress: Callable[[str, int, int, int], None] | None = None,
+        target: DatasetTarget | None = None,
     ) -> None:
         self.client = client
         self.output = output
@@ -131,6 +131,7 @@ class IncrementalRun:
         self.options = options
         self.clock = clock
         self.on_progress = on_progress
+        self.target = target or ParquetTarget(output)
 
     def execute(self) -> RunSummary:
         with self.state.lock(lock_holder()):
@@ -150,9 +151,11 @@ class IncrementalRun:
         resumed = progress is not None and progress.mode == self.mode
         if progress is not None and resumed:
             progress = self._resume(progress)
-            remove_unrecorded(self.output, progress.run_id, progress.walked.files)
         else:
             progress = self._start(checkpoint)
+            if self.target.run_tagged_commits:
+                self.state.save(replace(checkpoint, in_progress=progress))
+        self.target.begin(progress.run_id, progress.walked.files, resumed)
         captures = self.options.track_active and "status" not in progress.filters
         filler = None
         if self.options.enrich_trigger_config:
@@ -207,8 +210,8 @@ class IncrementalRun:
         leaves no trace). The new active set, if changes are captured."""
         start = run.progress.walked.counts
         writer = FlushingWriter(
-            ParquetSink(
-                self.output, run.progress.run_id, self.options.flush_rows, self.options.flush_bytes
+            self.target.sink(
+                run.progress.run_id, self.options.flush_rows, self.options.flush_bytes
             ),
             lambda flushed, walk: self._checkpoint(run, flushed, walk),
             first_seq=run.progress.walked.flush_seq,
@@ -230,7 +233,7 @@ class IncrementalRun:
         run.part = "changes"
         capture = ChangeCapture(
             self.client,
-            self.output,
+            self.target,
             run.preparer,
             run.previous_active,
             self.options.enrich_concurrency,
@@ -254,7 +257,7 @@ class IncrementalRun:
     def _walk_window(self, run: RunContext, writer: FlushingWriter) -> None:
         progress = run.progress
         # a re-read window (lookback, rescan, full refresh) writes only versions not stored yet
-        known = KnownVersions.stored(self.output, progress.window, progress.run_id)
+        known = self.target.known(progress.window, progress.run_id)
         now = self.clock()
         watched = set(run.previous_active["id"].to_pylist()) if run.captures_changes else set()
         whole_history = run.whole_history
@@ -273,7 +276,10 @@ class IncrementalRun:
         resume = WalkState.from_dict(progress.walked.walk) if progress.walked.walk else None
         listing = listing_for(progress.window, progress.filters)
         drain(
-            batch_stream(self.client, listing, resume, flush_rows=self.options.flush_rows),
+            batch_stream(
+                self.client, listing, resume, flush_rows=self.options.flush_rows,
+                ahead_rows=self.target.ahead_rows(self.options.flush_rows),
+            ),
             run.preparer,
             writer,
             progress.run_id,
@@ -304,9 +310,7 @@ class IncrementalRun:
         keys = list(run.met_keys)
         if run.progress.resumed:
             # versions this run wrote before it was interrupted (their keys were in memory)
-            for path in run.progress.walked.files:
-                table = self.output.read_table(path, columns=["id", "updated_at"])
-                keys.append(version_keys(table).combine_chunks())
+            keys.extend(self.target.written_keys(run.progress.run_id, run.progress.walked.files))
         known = KnownVersions()
         for part in keys:
             known.add(part)
@@ -358,6 +362,7 @@ class IncrementalRun:
             finished_ms=finished,
             totals=self._totals(run),
             files=list(progress.walked.files),
+            partitions=self.target.partitions(progress.walked.files),
             resumed=progress.resumed,
             high_water_ms=high_water,
             extra=self._extra(run, active, capture),

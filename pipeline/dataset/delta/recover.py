@@ -37,6 +37,8 @@ def recover(output: DeltaOutput, app_id: str) -> DeltaRecovery:
         return DeltaRecovery(0, None)
     versions = output.open(VERSIONS_DIR, create=False)
     ahead = versions.transaction_version(app_id) or 0
+    if ahead == 0:  # nothing committed by this app id: no log to read back
+        return DeltaRecovery(0, None)
     latest = output.open(LATEST_DIR)
     behind = latest.transaction_version(app_id) or 0
     storage = Storage(output.table_uri(VERSIONS_DIR))
@@ -104,7 +106,7 @@ class DeltaStoredVersions(StoredVersions):
 
 
 def known_versions(
-    output: DeltaOutput, from_ms: int | None, to_ms: int | None
+    output: DeltaOutput, from_ms: int | None, to_ms: int | None, key_budget: int | None = None
 ) -> DeltaStoredVersions:
     """The versions `sessions_versions` holds in the partitions the window touches."""
-    return DeltaStoredVersions(output, from_ms, to_ms)
+    return DeltaStoredVersions(output, from_ms, to_ms, key_budget)

@@ -3,6 +3,7 @@ flushing writer drives either one."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,34 @@ class DeltaWritten:
     rows: int  # rows inserted or updated
     bytes: int = 0
 
+    @property
+    def committed(self) -> bool:
+        """Whether the flush wrote a log entry (not skipped as already committed)."""
+        return self.path.endswith(".json")
+
+
+class DeltaGenerations:
+    """The flushes of one app id in this process, numbered and committed one at a time:
+    sinks that share it (a backfill's windows) never conflict with each other."""
+
+    def __init__(self, output: DeltaOutput, app_id: str, generation: int) -> None:
+        self.output = output
+        self.app_id = app_id
+        self.generation = generation  # the last generation committed (recover's answer)
+        self._lock = threading.Lock()
+
+    def commit(
+        self, rows: pa.Table, checkpoint: Mapping[str, Any] | None
+    ) -> list[DeltaWritten]:
+        """`rows` (Delta rows) to both tables as the next generation."""
+        with self._lock:
+            generation = self.generation + 1
+            versions = apply_versions(self.output, rows, self.app_id, generation, checkpoint)
+            latest = apply_latest(self.output, rows, self.app_id, generation, checkpoint)
+            self.generation = generation
+        days = ",".join(sorted(days_of(rows)))
+        return [_written(c, days) for c in (versions, latest)]
+
 
 class DeltaSink:
     """Buffers flattened tables; a flush commits them to `sessions_versions`, then MERGEs
@@ -29,21 +58,24 @@ class DeltaSink:
 
     def __init__(
         self, output: DeltaOutput, app_id: str, generation: int, flush_rows: int,
-        flush_bytes: int,
+        flush_bytes: int, shared: DeltaGenerations | None = None,
     ) -> None:
-        self.output = output
-        self.app_id = app_id
-        self.generation = generation  # the last generation committed (recover's answer)
+        self.generations = shared or DeltaGenerations(output, app_id, generation)
         self.flush_rows = flush_rows
         self.flush_bytes = flush_bytes
         self._tables: list[pa.Table] = []
         self.pending_rows = 0
         self.pending_bytes = 0
+        self.written: list[DeltaWritten] = []  # what the last flush did to each table
+
+    @property
+    def generation(self) -> int:
+        return self.generations.generation
 
     @property
     def next_generation(self) -> int:
         """The generation the next flush commits: put it in the checkpoint it carries."""
-        return self.generation + 1
+        return self.generations.generation + 1
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows:
@@ -54,24 +86,21 @@ class DeltaSink:
     def should_flush(self) -> bool:
         return self.pending_rows >= self.flush_rows or self.pending_bytes >= self.flush_bytes
 
-    def flush(self, seq: int, checkpoint: Mapping[str, Any] | None = None) -> list[DeltaWritten]:
+    def flush(self, seq: int, checkpoint: Mapping[str, Any] | None = None) -> list[str]:
         """Commit what is buffered as the next generation, with `checkpoint` in both
-        commits; an empty buffer still commits the checkpoint when one is given.
-        `seq` is the job's flush number (kept for the Parquet sink's interface)."""
+        commits; an empty buffer still commits the checkpoint when one is given. The log
+        entries written (`written` says more). `seq` is the job's flush number (kept for
+        the Parquet sink's interface)."""
         if not self._tables and checkpoint is None:
             return []
         rows = (
             to_delta_rows(pa.concat_tables(self._tables)) if self._tables
             else DELTA_SCHEMA.empty_table()
         )
-        generation = self.next_generation
-        versions = apply_versions(self.output, rows, self.app_id, generation, checkpoint)
-        latest = apply_latest(self.output, rows, self.app_id, generation, checkpoint)
+        self.written = self.generations.commit(rows, checkpoint)
         self._tables = []
         self.pending_rows = self.pending_bytes = 0
-        self.generation = generation
-        days = ",".join(sorted(days_of(rows)))
-        return [_written(c, days) for c in (versions, latest)]
+        return [w.path for w in self.written if w.committed]
 
 
 def _written(commit: DeltaCommit, days: str) -> DeltaWritten:

@@ -1,0 +1,77 @@
+"""`make bench-delta-export`: a first export of 1,000,000 sessions into Delta next to the
+same into Parquet, side by side in one run.
+
+The emulator serves N sessions (no latency, no rate limit, triggerConfig on list rows);
+`sessions-export run` writes them once with `--table-format parquet` and once with
+`--table-format delta`, in alternating order over `--repeat` rounds. The table reports each
+side's median wall and CPU time and its peak RSS (the child's own, via wait4), and the
+ratios Delta / Parquet against the targets (≤ 1.3× time, ≤ 1.5× RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from statistics import median
+
+from bench.common import Measured, emulator_process, export, print_table, write_results
+
+TARGET_TIME = 1.3
+TARGET_RSS = 1.5
+FORMATS = ("parquet", "delta")
+
+
+def one_round(url: str, sessions: int, delta_first: bool) -> dict[str, Measured]:
+    """One export per table format, in the given order."""
+    runs: dict[str, Measured] = {}
+    for table_format in reversed(FORMATS) if delta_first else FORMATS:
+        with tempfile.TemporaryDirectory() as out:
+            result = export("run", url, out, "--table-format", table_format)
+        assert result.returncode == 0 and f"{sessions} sessions" in result.stdout, result
+        runs[table_format] = result
+        print(f"  {table_format}: {result.seconds:.1f} s, {result.peak_rss_mb:.0f} MB",
+              file=sys.stderr, flush=True)
+    return runs
+
+
+def summary(sessions: int, rounds: list[dict[str, Measured]]) -> dict[str, object]:
+    row: dict[str, object] = {"sessions": sessions, "rounds": len(rounds)}
+    for table_format in FORMATS:
+        runs = [r[table_format] for r in rounds]
+        row[f"{table_format}_seconds"] = round(median(m.seconds for m in runs), 2)
+        row[f"{table_format}_cpu_seconds"] = round(median(m.cpu_seconds for m in runs), 2)
+        row[f"{table_format}_peak_rss_mb"] = round(max(m.peak_rss_mb for m in runs), 1)
+    row["time_ratio"] = round(median(r["delta"].seconds / r["parquet"].seconds for r in rounds), 3)
+    row["rss_ratio"] = round(
+        float(row["delta_peak_rss_mb"]) / float(row["parquet_peak_rss_mb"]), 3  # type: ignore[arg-type]
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args()
+    flags = ("--sessions", str(args.sessions), "--seed", "1", "--no-rate-limit",
+             "--list-trigger-config", "include")
+    with emulator_process(*flags) as served:
+        rounds = [one_round(served.url, args.sessions, n % 2 == 1) for n in range(args.repeat)]
+    row = summary(args.sessions, rounds)
+    write_results("delta_export", [row])
+    print_table(
+        ["sessions", "Parquet s / MB", "Delta s / MB", "time ×", "RSS ×"],
+        [[f"{args.sessions:,}",
+          f"{row['parquet_seconds']} / {row['parquet_peak_rss_mb']}",
+          f"{row['delta_seconds']} / {row['delta_peak_rss_mb']}",
+          row["time_ratio"], row["rss_ratio"]]],
+    )
+    for name, value, target in (("time", row["time_ratio"], TARGET_TIME),
+                                ("RSS", row["rss_ratio"], TARGET_RSS)):
+        verdict = "met" if float(value) <= target else "NOT met"  # type: ignore[arg-type]
+        print(f"Delta / Parquet {name}: {value}× (target ≤ {target}×): {verdict}")
+
+
+if __name__ == "__main__":
+    main()

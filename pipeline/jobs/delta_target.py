@@ -1,0 +1,69 @@
+"""The two Delta tables as a job's target (docs/delta.md has the commit protocol).
+
+A run's flushes are the generations of one app id, the run id: each commits
+`sessions_versions` (only versions not there) then MERGEs `sessions` (newer wins), and the
+job checkpoints after, as for Parquet. On start, `recover` re-merges a flush a kill cut
+between the two commits; the replay from the saved checkpoint then skips every version
+the versions table holds (the run's own committed ones too), so nothing is written twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+from pipeline.dataset.delta import DeltaOutput, DeltaSink, known_versions, recover
+from pipeline.dataset.delta.runs import partition_rows, run_version_keys, touched_partitions
+from pipeline.dataset.delta.sink import DeltaGenerations
+from pipeline.dataset.layout import day_of
+from pipeline.dataset.sink import Sink
+from pipeline.dataset.versions import KEY_BUDGET
+from pipeline.jobs.core import KnownVersions
+from pipeline.store.state import Window
+from pipeline.store.storage import Storage
+
+
+class DeltaTarget:
+    """`sessions/` (latest view) and `sessions_versions/` under the output."""
+
+    # a kill between a run's first two commits must leave its id to the next start's recover
+    run_tagged_commits = True
+
+    def __init__(self, tables: DeltaOutput, output: Storage) -> None:
+        self.tables = tables
+        self.output = output
+        self._generations: DeltaGenerations | None = None
+
+    def ahead_rows(self, flush_rows: int) -> int:
+        # a flush's two MERGEs take about as long as walking its rows: overlap them
+        return flush_rows
+
+    def begin(self, run_id: str, recorded: Sequence[str], resumed: bool) -> None:
+        """Finish a flush cut between its two commits; number the run's next flushes after
+        its last committed one (one counter for all its sinks)."""
+        recovery = recover(self.tables, run_id)
+        self._generations = DeltaGenerations(self.tables, run_id, recovery.generation)
+
+    def sink(self, name: str, flush_rows: int, flush_bytes: int) -> Sink:
+        generations = self._generations
+        if generations is None:
+            raise RuntimeError("DeltaTarget.sink before begin")
+        return DeltaSink(
+            self.tables, generations.app_id, generations.generation, flush_rows, flush_bytes,
+            shared=generations,
+        )
+
+    def known(self, window: Window, run_id: str, share: int = 1) -> KnownVersions:
+        # the run's own committed versions count as held: a replay must not write them again
+        budget = KEY_BUDGET // max(1, share)
+        return KnownVersions(known_versions(self.tables, window.from_ms, window.to_ms, budget))
+
+    def written_keys(self, run_id: str, files: Sequence[str]) -> list[pa.Array]:
+        return [run_version_keys(self.tables, run_id)]
+
+    def partitions(self, files: Sequence[str]) -> list[str]:
+        return touched_partitions(self.tables, files)
+
+    def stored_rows(self, low_ms: int, high_ms: int) -> int:
+        return partition_rows(self.tables, day_of(low_ms), day_of(high_ms))
