@@ -93,3 +93,10 @@ bench-delta: bytecode
 ## and peak RSS of each, and the ratios against the targets (≤ 1.3× time, ≤ 1.5× RSS).
 bench-delta-export: bytecode
 	$(BIN)/python -m bench.delta_export
+
+## This checkout's `run` next to another checkout's (BASELINE=DIR, e.g. a git worktree of an
+## older commit), alternating rounds on one emulator: speed ratio, CPU and peak RSS.
+bench-ab: bytecode
+	test -n "$(BASELINE)" || { echo "make bench-ab BASELINE=DIR"; exit 2; }
+	$(BIN)/python -m compileall -q $(BASELINE)/pipeline
+	$(BIN)/python -m bench.ab_export $(BASELINE)
