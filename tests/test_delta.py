@@ -124,6 +124,7 @@ def test_recover_finishes_a_flush_cut_between_the_two_commits(tmp_path: Path) ->
     assert_tables_match(output, seed=3, batches=6, exact_extraction=False)
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path: Path) -> None:
     output, batches, rng = str(tmp_path / "out"), 250, random.Random(7)
     argv = [sys.executable, "-m", "tests.delta_worker", output, APP, "5", str(batches)]
@@ -143,6 +144,7 @@ def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path: Path) -> None:
     assert verify_delta(DeltaOutput.at(output)).ok
 
 
+@pytest.mark.slow
 def test_two_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     output = str(tmp_path / "out")
     run(output, "first", seed=9, batches=1)  # the tables exist before the race
@@ -291,6 +293,7 @@ def test_a_commit_from_a_stale_snapshot_conflicts_and_a_rerun_inserts_nothing_tw
 
 # -- DuckDB's delta extension (delta-kernel-rs, not delta-rs): a second independent reader -------
 
+@pytest.mark.slow
 def test_duckdb_delta_scan_reads_what_delta_rs_wrote(tmp_path: Path, duckdb_delta: Path) -> None:
     output = str(tmp_path / "out")
     run(output, APP, seed=12, batches=6)
@@ -312,6 +315,7 @@ COMPACT = ("import sys; from datetime import timedelta\n"
            "compact_delta(DeltaOutput.at(sys.argv[1]), timedelta(0), force=True)\n")
 
 
+@pytest.mark.slow
 def test_kill_9_during_compact_then_flushes_and_compact_again_is_exact(tmp_path: Path) -> None:
     output, rng = str(tmp_path / "out"), random.Random(3)
     run(output, APP, seed=13, batches=30)

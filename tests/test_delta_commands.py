@@ -17,6 +17,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 import psycopg
+import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from pipeline import scan_sessions
@@ -63,6 +64,7 @@ def test_verify_of_an_output_without_tables_fails(tmp_path: Path) -> None:
     assert done.returncode == 6 and "is not a Delta table" in done.stdout, done
 
 
+@pytest.mark.slow
 def test_stats_counts_each_day_from_the_two_tables(tmp_path: Path) -> None:
     output = tmp_path / "out"
     run(str(output), APP, seed=32, batches=5)
@@ -93,6 +95,7 @@ def test_state_show_reports_table_versions_and_the_newest_flush(tmp_path: Path) 
         in done.stdout
 
 
+@pytest.mark.slow
 def test_compact_refuses_a_short_retention_unless_forced_and_duckdb_reads_the_result(
         tmp_path: Path, duckdb_delta: Path) -> None:
     output = tmp_path / "out"
@@ -134,6 +137,7 @@ def test_compact_first_finishes_a_flush_cut_between_its_two_commits(tmp_path: Pa
     assert cli(output, "verify").returncode == 0
 
 
+@pytest.mark.slow
 def test_kill_9_during_compact_then_compact_again_and_verify(tmp_path: Path) -> None:
     """The CLI's `compact` killed at random moments, flushes between the kills; a final
     `compact` and `verify` pass and the tables hold exactly the truth."""
@@ -170,6 +174,7 @@ def test_kill_9_during_compact_then_compact_again_and_verify(tmp_path: Path) -> 
     assert found == expected
 
 
+@pytest.mark.slow
 def test_load_duckdb_loads_the_latest_table_once_per_version(tmp_path: Path) -> None:
     output, database = tmp_path / "out", str(tmp_path / "w.duckdb")
     run(str(output), APP, seed=37, batches=4)
@@ -190,6 +195,7 @@ def test_load_duckdb_loads_the_latest_table_once_per_version(tmp_path: Path) -> 
     assert ledger[0] == (f"delta-v{version}",) and len(ledger) == 2
 
 
+@pytest.mark.slow
 def test_load_postgres_loads_the_latest_table_once_per_version(tmp_path: Path, postgres) -> None:
     with psycopg.connect(postgres.conninfo("postgres"), autocommit=True) as con:
         con.execute("CREATE DATABASE delta_load")
@@ -216,6 +222,7 @@ def test_scan_sessions_finds_the_delta_tables_or_is_told(tmp_path: Path) -> None
     assert scan_sessions(tmp_path / "none").collect().height == 0  # no _delta_log: Parquet
 
 
+@pytest.mark.slow
 def test_the_commands_on_s3(s3, tmp_path: Path) -> None:
     bucket = s3.new_bucket()
     output = f"s3://{bucket}/exports/delta"
@@ -239,6 +246,7 @@ def test_the_commands_on_s3(s3, tmp_path: Path) -> None:
     assert scan_sessions(output).collect().height == len(latest)
 
 
+@pytest.mark.slow
 def test_without_deltalake_every_command_exits_2_naming_the_pip_command(tmp_path: Path) -> None:
     """A real process where `import deltalake` fails, as after a plain `pip install .`."""
     blocker = tmp_path / "blocked" / "deltalake"

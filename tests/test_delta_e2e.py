@@ -78,6 +78,7 @@ def change_some(url: str, sessions: list[dict], seed: int, count: int = 30) -> N
                               "externalId": f"fresh-{seed}-{n}", "tags": ["new"]})
 
 
+@pytest.mark.slow
 def test_runs_and_backfill_are_exact_through_skew_enrichment_and_changes(emulator, tmp_path):
     emu = emulator(sessions=2500, days=3, **SKEWED)  # lists omit triggerConfig: enrichment
     output = str(tmp_path / "run")
@@ -158,6 +159,7 @@ def test_all_environments_write_their_own_delta_tables(emulator, tmp_path):
         assert not list(Path(tmp_path, name, "sessions").glob("*/part-2*.parquet"))
 
 
+@pytest.mark.slow
 def test_a_second_run_exits_75_and_nothing_is_lost(emulator, gate, tmp_path):
     emu = emulator(sessions=1500, days=2, list_trigger_config="include")
     held = gate(emu.url, 4)
@@ -175,6 +177,7 @@ def test_a_second_run_exits_75_and_nothing_is_lost(emulator, gate, tmp_path):
     assert_tables_exact(output, [emulator_sessions(emu.url)])
 
 
+@pytest.mark.slow
 def test_two_writers_racing_on_the_tables_lose_nothing(emulator, tmp_path):
     emu = emulator(sessions=1200, days=2, list_trigger_config="include")
     output = str(tmp_path / "out")
@@ -221,6 +224,7 @@ def test_in_process_writers_racing_on_one_partition_lose_nothing(tmp_path):
     assert len(latest) == len({r["id"] for r in latest})
 
 
+@pytest.mark.slow
 def test_the_run_flow_on_s3(emulator, s3):
     emu = emulator(sessions=900, days=2, **SKEWED)
     bucket = s3.new_bucket()

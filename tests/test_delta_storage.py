@@ -44,6 +44,7 @@ def _flow(output: str) -> None:
     assert table.transaction_version(APP) == 7
 
 
+@pytest.mark.slow
 def test_delta_on_s3_with_conditional_puts(s3) -> None:
     bucket = s3.new_bucket()
     _flow(f"s3://{bucket}/exports/delta")

@@ -7,7 +7,10 @@ import re
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_demo_hint_runs_with_what_the_demo_installed(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIGGER_")}
     demo = subprocess.run([sys.executable, "-m", "pipeline.demo"], cwd=tmp_path, env=env,

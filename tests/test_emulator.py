@@ -584,6 +584,7 @@ def test_server_errors_vary_and_can_say_do_not_retry() -> None:
         assert stats["faults"] == {"5xx": 60}
 
 
+@pytest.mark.slow
 def test_stall_and_latency_delay_answers() -> None:
     config = EmulatorConfig(sessions=20, fault_stall=0.5, stall_seconds=0.15, latency_ms=20)
     with start_in_thread(config) as running, httpx.Client(headers=AUTH) as http:
@@ -668,6 +669,7 @@ def test_every_authorized_api_response_carries_rate_limit_headers(
         )
 
 
+@pytest.mark.slow
 def test_a_million_sessions_start_fast_and_deep_pages_cost_like_the_first() -> None:
     started = time.perf_counter()
     config = EmulatorConfig(sessions=1_000_000, seed=2, rate_limit=False)
@@ -732,6 +734,7 @@ def test_skewed_ids_follow_upstreams_query_exactly() -> None:
             assert http.get(f"{running.url}/api/v1/sessions/{session['id']}").json() == session
 
 
+@pytest.mark.slow
 def test_the_list_lags_by_the_replication_delay() -> None:
     config = EmulatorConfig(sessions=50, seed=6, replication_delay=0.6, rate_limit=False)
     with start_in_thread(config) as running, httpx.Client(

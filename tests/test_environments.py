@@ -13,6 +13,8 @@ import sys
 import termios
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import (
     KEY,
     ROOT,
@@ -105,6 +107,7 @@ def test_environments_side_by_side_each_exact_one_rejected(emulator, tmp_path):
     assert "\r" not in result.stderr and "\x1b[" not in result.stderr  # no bars off a terminal
 
 
+@pytest.mark.slow
 def test_a_held_lock_stops_only_its_own_environment(emulator, tmp_path):
     keys = (KEYS["TRIGGER_ALPHA_KEY"], KEYS["TRIGGER_BETA_KEY"])
     emu = emulator(sessions=150, seed=72, api_keys=keys)

@@ -43,6 +43,7 @@ def plain_cursor_walk(url: str, params: dict[str, str] | None = None) -> list[st
             query["page[after]"] = body["pagination"]["next"]
 
 
+@pytest.mark.slow
 def test_a_plain_cursor_walk_loses_rows_and_run_and_backfill_are_exact(emulator, tmp_path):
     emu = emulator(**SKEWED)
     truth = emulator_sessions(emu.url)
@@ -97,6 +98,7 @@ def test_change_capture_listings_are_exact_over_skewed_ids(emulator, output):
     assert read_dataset(output).num_rows == len(truth) + len(active[::3]) + len(active[1::3])
 
 
+@pytest.mark.slow
 def test_a_recreated_session_carries_its_new_trigger_config(emulator, output):
     emu = emulator(sessions=200, seed=8)
 
@@ -230,6 +232,7 @@ def test_a_repeated_cursor_stops_the_departed_listing_with_exit_4(emulator, repe
     _assert_loop_stopped(result, server)
 
 
+@pytest.mark.slow
 def test_sessions_the_lagging_list_shows_late_come_with_the_next_run(emulator, output):
     emu = emulator(sessions=300, seed=14, replication_delay=1.5, id_skew_ms=25)
     with httpx.Client(base_url=emu.url, headers=AUTH) as http:

@@ -87,6 +87,7 @@ def test_airflow_task_bodies_export_and_count(emulator, output, key):
     assert str(failed.value).startswith("sessions-export exited 3: the API rejected the key")
 
 
+@pytest.mark.slow
 def test_airflow_dag_runs_against_the_emulator(emulator, output, tmp_path):
     emu = emulator(sessions=200, seed=63)
     dags = tmp_path / "dags"

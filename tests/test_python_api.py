@@ -61,6 +61,7 @@ print(os.environ.get("ARROW_DEFAULT_MEMORY_POOL"), pyarrow.default_memory_pool()
     assert out.stdout.split("\n")[:3] == ["exit 4", "[]", "None True"], out
 
 
+@pytest.mark.slow
 def test_export_then_scan_sessions_after_changes(emulator, tmp_path, monkeypatch):
     emu = emulator(sessions=1200, seed=31, days=10)
     monkeypatch.setenv("TRIGGER_SECRET_KEY", KEY)
@@ -120,6 +121,7 @@ def test_export_failures_raise_one_type_carrying_the_cli_exit_code(emulator, tmp
     assert bad_value.value.exit_code == 2
 
 
+@pytest.mark.slow
 def test_scan_sessions_reads_s3(emulator, s3):
     emu = emulator(sessions=300, seed=32, days=5)
     bucket = s3.new_bucket()

@@ -90,6 +90,7 @@ def test_429_from_a_bucket_shared_with_another_consumer_is_waited_out(emulator):
         assert ours.stats.retries == other.stats.retries == 0  # 429 waits are not faults
 
 
+@pytest.mark.slow
 def test_retry_budget_exhausted_exits_4_and_the_next_run_resumes(emulator, output):
     emu = emulator(sessions=3000, seed=41, fault_seed=2, fault_5xx=0.3,
                    list_trigger_config="include")
@@ -259,6 +260,7 @@ def test_broken_config_file_names_file_line_and_key(tmp_path, output):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
+@pytest.mark.slow
 def test_key_never_appears_in_output_logs_or_files(emulator, output):
     secret = "tr_prod_" + "SuperSecretValue0123456789"  # split: not a real key
     emu = emulator(sessions=800, fault_seed=9, fault_5xx=0.1, fault_reset=0.05)

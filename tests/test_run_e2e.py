@@ -127,6 +127,7 @@ def test_second_run_with_nothing_new_is_cheap(emulator, output):
     assert emulator_stats(emu.url)["requests"] <= 3  # the window alone: a handful
 
 
+@pytest.mark.slow
 def test_new_sessions_are_picked_up_by_the_next_run(emulator, output):
     emu = emulator(sessions=400, seed=8)
     assert run_cli("run", "--output", str(output), url=emu.url).returncode == 0

@@ -8,6 +8,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline.ops.state_view import utc
 from pipeline.store.lock import LeaseTarget, lease_lock
 from tests.conftest import gcs_cli, run_cli, s3_cli, spawn_cli
@@ -48,6 +50,7 @@ def test_finished_run(emulator, output):
     assert_json_form_unchanged(output / "_state")
 
 
+@pytest.mark.slow
 def test_running_then_killed_run(emulator, output):
     emu = emulator(sessions=3000, seed=32, latency_ms=150)  # slow: the kill lands mid-walk
     process = spawn_cli("run", "--output", str(output), "--flush-rows", "100", url=emu.url)
@@ -130,6 +133,7 @@ def test_every_environment_of_a_config(emulator, tmp_path):
     assert "nothing exported yet" in dev and "exported up to" in prod
 
 
+@pytest.mark.slow
 def test_on_s3(emulator, s3):
     emu = emulator(sessions=200, seed=35)
     bucket = s3.new_bucket()

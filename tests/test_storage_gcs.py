@@ -36,6 +36,7 @@ def read_gcs_dataset(gcs: GcsServer, prefix: str) -> pa.Table:
                       schema=SCHEMA.append(pa.field("created_date", pa.string()))).to_table()
 
 
+@pytest.mark.slow
 def test_export_to_gcs_with_state_and_lock_there(emulator, gcs):
     emu = emulator(sessions=300, seed=41, days=5, list_trigger_config="include")
     bucket = gcs.new_bucket()
@@ -125,6 +126,7 @@ def test_a_gcs_lease_taken_over_behind_our_back_fails_the_run(gcs):
     assert gcs.names(bucket, "state/") == ["state/lock"]
 
 
+@pytest.mark.slow
 def test_gcs_failures_are_one_line_exit_5(emulator, gcs):
     emu = emulator(sessions=5, list_trigger_config="include")
     missing = gcs_cli("run", "--output", "gs://no-such-bucket-here/out", url=emu.url, gcs=gcs)

@@ -140,6 +140,7 @@ def _spawn(*args: str, url: str, aws: dict[str, str]) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_second_run_exits_75_while_the_first_holds_the_s3_lease(emulator, gate, s3):
     emu = emulator(sessions=1500, list_trigger_config="include")
     held = gate(emu.url, 3)  # the first run stops at its fourth request, holding the lease

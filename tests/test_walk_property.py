@@ -150,6 +150,7 @@ def test_kill_9_at_random_points_then_resume_is_exact(emulator, output):
     assert read_dataset(output).num_rows == len(truth)
 
 
+@pytest.mark.slow
 def test_backfill_killed_and_resumed_is_exact(emulator, gate, output):
     emu = emulator(sessions=9000, seed=78, days=9000 * 13 / 86_400_000, id_skew_ms=25,
                    same_ms_burst=260, latency_ms=10, list_trigger_config="include")
