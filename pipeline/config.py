@@ -68,6 +68,7 @@ def option(
     choices: tuple[str, ...] = (),
     at_least: float | None = None,
     above: float | None = None,
+    duration: bool = False,
     shown: str | None = None,
 ) -> Any:
     """A `Settings` field that is a user-facing option.
@@ -75,8 +76,8 @@ def option(
     `commands`: those of `COMMANDS` that take it as a flag (the config file takes every
     option). `env`: variables read, first set wins, when neither a flag nor the file gives
     a value. `choices`: the allowed values of a string option. `at_least`, `above`: the
-    range of a number. `shown`: the default as documented, when it is computed elsewhere
-    (`<output>/_state/`).
+    range of a number. `duration`: a string that must read as a duration (`15m`, `7d`).
+    `shown`: the default as documented, when it is computed elsewhere (`<output>/_state/`).
     """
     meta = {
         "help": help,
@@ -85,6 +86,7 @@ def option(
         "choices": choices,
         "at_least": at_least,
         "above": above,
+        "duration": duration,
         "shown": shown,
     }
     return field(default=default, metadata={"option": meta})
@@ -137,12 +139,14 @@ class Settings:
         "15m",
         "incremental runs re-read sessions created this long before the high-water mark",
         commands=("run",),
+        duration=True,
     )
     rescan: str = option(
         "24h",
         "each run re-reads sessions created this long before the high-water mark and writes "
         "the versions that changed (0s turns it off)",
         commands=("run",),
+        duration=True,
     )
     track_active: bool = option(
         True,
@@ -208,6 +212,7 @@ class Settings:
         "compact, delta: VACUUM removes files unreferenced for longer than this (under 1h "
         "needs --force)",
         commands=("compact",),
+        duration=True,
     )
     force: bool = option(
         False, "compact, delta: allow a VACUUM retention under 1h", commands=("compact",)
@@ -299,6 +304,7 @@ class Option:
     choices: tuple[str, ...] = ()
     at_least: float | None = None
     above: float | None = None
+    duration: bool = False
     shown: str | None = None
 
     @property
@@ -519,11 +525,10 @@ def _check_values(values: dict[str, Any]) -> None:
         if option_.above is not None and value <= option_.above:
             bound = "positive" if option_.above == 0 else f"above {option_.above}"
             raise UsageError(f"{name} must be {bound}, got {value}")
+        if option_.duration:
+            parse_duration_ms(value, name)
         if option_.choices and str(value).lower() not in option_.choices:
             raise UsageError(f"{name} must be {', '.join(option_.choices)}, got {value!r}")
-    parse_duration_ms(values["lookback"], "lookback")
-    parse_duration_ms(values["rescan"], "rescan")
-    parse_duration_ms(values["retention"], "retention")
     key_env = values["secret_key_env"]
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env) or key_env.startswith("tr_"):
         # the value is not echoed: it may be a key pasted by mistake

@@ -274,3 +274,10 @@ def test_exit_codes_are_the_contracts():
     assert {int(c) for c in ExitCode} - {int(c) for c in DOCUMENTED} == {130}
     assert (UsageError.exit_code, AuthError.exit_code, ApiError.exit_code, StorageError.exit_code,
             LockHeld.exit_code) == (2, 3, 4, 5, 75)
+
+
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o.duration], ids=lambda o: o.name)
+def test_every_duration_option_refuses_what_is_not_a_duration(option):
+    Settings.build(**{option.name: "90m"})
+    with pytest.raises(UsageError, match=f"{option.name} must be a duration"):
+        Settings.build(**{option.name: "a week"})
