@@ -593,7 +593,8 @@ def test_stall_and_latency_delay_answers() -> None:
             start = time.perf_counter()
             assert http.get(running.url + "/api/v1/sessions").status_code == 200
             durations.append(time.perf_counter() - start)
-    assert min(durations) >= 0.02
+    # asyncio wakes a timer up to one clock resolution early (a ~20 ms wait measured 19.96 ms)
+    assert min(durations) >= 0.02 - 0.001
     stalled = sum(1 for duration in durations if duration >= 0.15)
     assert stalled == running.stats.faults["stall"] and 5 <= stalled <= 25
 
