@@ -28,11 +28,9 @@ _KEY_COLUMNS = ["id", "created_at", "updated_at", "extracted_at"]
 
 
 @dataclass
-class VerifyReport:
-    files: int = 0
-    rows: int = 0
-    partitions: int = 0
-    sessions: int = 0
+class Findings:
+    """What a check found: problems (fail it) and notes (do not)."""
+
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -40,16 +38,28 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
-    def lines(self) -> list[str]:
-        head = (
-            f"verify: {self.files} files, {self.partitions} partitions, {self.rows} rows, "
-            f"{self.sessions} sessions: {'OK' if self.ok else f'{len(self.problems)} problems'}"
-        )
+    def report_lines(self, counted: str) -> list[str]:
+        """`verify: <counted>: OK` (or how many problems), then each problem and note."""
+        verdict = "OK" if self.ok else f"{len(self.problems)} problems"
         return [
-            head,
+            f"verify: {counted}: {verdict}",
             *(f"  problem: {p}" for p in self.problems),
             *(f"  note: {n}" for n in self.notes),
         ]
+
+
+@dataclass
+class VerifyReport(Findings):
+    files: int = 0
+    rows: int = 0
+    partitions: int = 0
+    sessions: int = 0
+
+    def lines(self) -> list[str]:
+        return self.report_lines(
+            f"{self.files} files, {self.partitions} partitions, {self.rows} rows, "
+            f"{self.sessions} sessions"
+        )
 
 
 # a key row's bytes in memory, about; 8 MB buckets: 1,500,000 rows verify at 350 MB peak

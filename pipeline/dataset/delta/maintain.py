@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from pipeline.dataset.delta.commit import newest_per_id
 from pipeline.dataset.delta.log import LOG_DIR, app_ids, log_versions
 from pipeline.dataset.delta.tables import LATEST_DIR, VERSIONS_DIR, DeltaOutput
 from pipeline.dataset.schema import PARTITION_KEY, SCHEMA
+from pipeline.dataset.verify import Findings
 from pipeline.errors import UsageError
 from pipeline.store.storage import Storage
 
@@ -71,24 +72,15 @@ def check_retention(retention: timedelta, force: bool) -> None:
 
 
 @dataclass
-class DeltaVerifyReport:
+class DeltaVerifyReport(Findings):
     versions: int = 0  # rows in sessions_versions
     sessions: int = 0  # rows in sessions
     partitions: int = 0
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
     def lines(self) -> list[str]:
-        head = (
-            f"verify: {self.partitions} partitions, {self.sessions} sessions, "
-            f"{self.versions} versions: {'OK' if self.ok else f'{len(self.problems)} problems'}"
+        return self.report_lines(
+            f"{self.partitions} partitions, {self.sessions} sessions, {self.versions} versions"
         )
-        return [head, *(f"  problem: {p}" for p in self.problems),
-                *(f"  note: {n}" for n in self.notes)]
 
 
 def verify_delta(output: DeltaOutput) -> DeltaVerifyReport:
