@@ -273,7 +273,7 @@ def load_duckdb(settings: Settings) -> None:
 
     if not settings.database:
         raise UsageError('load duckdb needs --database FILE (or database = "…" in the config)')
-    click.echo(_load(settings, DuckDBTarget(settings.database)).line())
+    click.echo(_load(settings, lambda: DuckDBTarget(settings.database)).line())
 
 
 @load.command("postgres")
@@ -286,17 +286,19 @@ def load_postgres(settings: Settings) -> None:
     from pipeline.dataset.load_postgres import PostgresTarget
 
     register_secret(os.environ.get("PGPASSWORD"))  # never in an error line, whatever quotes it
-    target = PostgresTarget(settings.dsn, settings.schema, settings.table)
+    target = functools.partial(PostgresTarget, settings.dsn, settings.schema, settings.table)
     click.echo(_load(settings, target).line())
 
 
-def _load(settings: Settings, target: LoadTarget) -> LoadSummary:
-    """The load plan for the output's format: run manifests, or the Delta latest table."""
+def _load(settings: Settings, target: Callable[[], LoadTarget]) -> LoadSummary:
+    """The load plan for the output's format: run manifests, or the Delta latest table. The
+    target is made after the output's reader is found: without the `delta` extra, that is
+    the first package to install."""
     from pipeline.dataset.load import load, load_delta
 
     if is_delta(settings):
-        return load_delta(delta_output(settings), target)
-    return load(output_storage(settings), target)
+        return load_delta(delta_output(settings), target())
+    return load(output_storage(settings), target())
 
 
 @cli.group()

@@ -3,8 +3,10 @@ S3 and PostgreSQL servers of the tests' own, and a gate that holds requests."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -384,3 +386,55 @@ def duckdb_delta() -> Path:
             pytest.skip(f"DuckDB's delta extension does not install here: {install.stderr[-300:]}")
         (DUCKDB_VENV / ".ready").touch()
     return python
+
+
+# -- a plain `pip install .`: the base install without the `delta` extra ----------------------
+
+NODELTA_VENV = ROOT / ".venv" / "nodelta"  # cached: made again when pyproject.toml changes
+
+
+def _digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def nodelta(tmp_path_factory) -> Path:
+    """The bin directory of a venv holding `pip install <repo>`, non-editable and without
+    extras: `import deltalake` fails there (checked). Kept under .venv/nodelta; made anew when
+    pyproject.toml changes, the package reinstalled when a file under pipeline/ does."""
+    python = NODELTA_VENV / "bin" / "python"
+    ready = NODELTA_VENV / ".ready"
+    wanted = {
+        "pyproject": _digest([ROOT / "pyproject.toml"]),
+        "pipeline": _digest(sorted(p for p in (ROOT / "pipeline").rglob("*")
+                                   if p.is_file() and "__pycache__" not in p.parts)),
+    }
+    have = json.loads(ready.read_text()) if ready.exists() else {}
+    if have != wanted:
+        pip = [str(python), "-m", "pip", "install", "--quiet"]
+        if have.get("pyproject") != wanted["pyproject"]:
+            shutil.rmtree(NODELTA_VENV, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(NODELTA_VENV)], check=True)
+        else:  # the same dependencies: only the package's copy is stale
+            pip += ["--no-deps", "--force-reinstall"]
+        ready.unlink(missing_ok=True)
+        install = subprocess.run([*pip, str(ROOT)], capture_output=True, text=True, timeout=600,
+                                 cwd=tmp_path_factory.mktemp("pip"))
+        if install.returncode != 0:
+            pytest.skip(f"a plain `pip install .` does not run here: {install.stderr[-300:]}")
+        ready.write_text(json.dumps(wanted))
+    probe = subprocess.run([str(python), "-c", "import deltalake"], capture_output=True,
+                           text=True, cwd=tmp_path_factory.mktemp("probe"), env=clean_env())
+    assert probe.returncode != 0, "deltalake is importable after a plain `pip install .`"
+    return NODELTA_VENV / "bin"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """os.environ without PYTHONPATH, the virtualenv's marks and TRIGGER_*, plus `extra`."""
+    dropped = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items()
+           if k not in dropped and not k.startswith("TRIGGER_")}
+    return {**env, **extra}

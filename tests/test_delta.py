@@ -226,7 +226,7 @@ def test_without_deltalake_exit_2_names_the_pip_command() -> None:
             "except ExportError as e:\n    print(e); sys.exit(int(e.exit_code))\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
-    assert "pip install 'trigger-sessions-export[delta]'" in done.stdout
+    assert f"pip install -e '{ROOT}[delta]'" in done.stdout  # this checkout is installed editable
 
 
 # -- an independent reader: the Delta log read here (JSON commits, Parquet checkpoints) ----------

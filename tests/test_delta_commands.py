@@ -25,7 +25,16 @@ from pipeline.dataset.delta import LATEST_DIR, VERSIONS_DIR, DeltaOutput
 from pipeline.dataset.delta.commit import apply_versions
 from pipeline.dataset.delta.tables import to_delta_rows
 from pipeline.dataset.flatten import flatten_sessions
-from tests.conftest import DUCKDB_READ, ROOT, run_cli, s3_cli
+from tests.conftest import (
+    DUCKDB_READ,
+    KEY,
+    ROOT,
+    assert_dataset_equals,
+    clean_env,
+    emulator_sessions,
+    run_cli,
+    s3_cli,
+)
 from tests.delta_worker import batch, extracted, run, truth
 
 APP = "sessions-export"
@@ -246,17 +255,72 @@ def test_the_commands_on_s3(s3, tmp_path: Path) -> None:
     assert scan_sessions(output).collect().height == len(latest)
 
 
+LIBRARY_CALLS = """
+import sys
+import pipeline
+from pipeline import export, scan_sessions
+from pipeline.errors import UsageError
+print(pipeline.__file__)
+for call in (lambda: export(output=sys.argv[1], table_format="delta"),
+             lambda: scan_sessions(sys.argv[1], table_format="delta")):
+    try:
+        call()
+    except UsageError as error:
+        print(error.exit_code, error)
+    else:
+        sys.exit("no UsageError")
+"""
+
+
+def tree(path: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `path`: its size and modification time."""
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in path.rglob("*") if p.is_file()}
+
+
+def assert_names_the_pip_command(done: subprocess.CompletedProcess[str]) -> None:
+    assert done.returncode == 2, done
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert f"run pip install '{ROOT}[delta]'" in done.stderr, done.stderr  # not editable
+
+
 @pytest.mark.slow
-def test_without_deltalake_every_command_exits_2_naming_the_pip_command(tmp_path: Path) -> None:
-    """A real process where `import deltalake` fails, as after a plain `pip install .`."""
-    blocker = tmp_path / "blocked" / "deltalake"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ImportError('deltalake is not installed')\n")
-    env = {"PYTHONPATH": f"{blocker.parent}{os.pathsep}{ROOT}"}
-    commands = (["verify"], ["compact"], ["stats"], ["state", "show"],
-                ["load", "duckdb", "--database", str(tmp_path / "d.db")])
+def test_a_plain_install_without_the_delta_extra(nodelta: Path, emulator, tmp_path: Path) -> None:
+    """`pip install <repo>` without `[delta]` (its own venv, cwd outside the repo): Parquet
+    works; every command on Delta exits 2 naming the pip command and writes nothing."""
+    emu = emulator(sessions=300, days=2, list_trigger_config="include")
+    env = clean_env(TRIGGER_SECRET_KEY=KEY, TRIGGER_API_URL=emu.url)
+    work = tmp_path / "cwd"
+    work.mkdir()
+
+    def installed(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*argv, "--log-level", "warning"], env=env, text=True,
+                              capture_output=True, timeout=300, cwd=work)
+
+    parquet = tmp_path / "parquet"
+    done = installed(str(nodelta / APP), "run", "--output", str(parquet))
+    assert done.returncode == 0, done.stderr
+    assert_dataset_equals(parquet, emulator_sessions(emu.url))
+
+    output = tmp_path / "delta"
+    run(str(output), APP, seed=41, batches=3)  # a Delta output, made where deltalake is
+    before = tree(output)
+    database = tmp_path / "w.duckdb"
+    fresh = tmp_path / "fresh"
+    commands = (["run", "--output", str(fresh)], ["backfill", "--output", str(fresh), "--since", "7d"],
+                *(([*c, "--output", str(output)]) for c in (
+                    ["verify"], ["compact"], ["stats"], ["state", "show"],
+                    ["load", "duckdb", "--database", str(database)])))
     for command in commands:
-        done = cli(tmp_path / "out", *command, env=env)
-        assert done.returncode == 2, (command, done)
-        assert done.stderr.strip().count("\n") == 0, done.stderr
-        assert "pip install '" in done.stderr and "[delta]'" in done.stderr, done.stderr
+        for program in ([str(nodelta / APP)], [str(nodelta / "python"), "-m", "pipeline"]):
+            assert_names_the_pip_command(installed(*program, *command, *DELTA))
+    assert not fresh.exists() and not database.exists()
+    assert tree(output) == before
+
+    library = subprocess.run([str(nodelta / "python"), "-c", LIBRARY_CALLS, str(fresh)], env=env,
+                             text=True, capture_output=True, timeout=120, cwd=work)
+    assert library.returncode == 0, library
+    where, *lines = library.stdout.splitlines()
+    assert Path(where).is_relative_to(nodelta.parent), where  # the installed copy, not the repo's
+    assert len(lines) == 2 and all(line.startswith("2 ") and f"'{ROOT}[delta]'" in line for line in lines), lines
+    assert not fresh.exists()

@@ -21,7 +21,6 @@ from pipeline.dataset.delta.sink import DeltaSink, DeltaWritten
 from pipeline.dataset.delta.tables import (
     DELTA_SCHEMA,
     LATEST_DIR,
-    PIP_COMMAND,
     VERSIONS_DIR,
     DeltaOutput,
     require_deltalake,
@@ -30,7 +29,6 @@ from pipeline.dataset.delta.tables import (
 __all__ = [
     "DELTA_SCHEMA",
     "LATEST_DIR",
-    "PIP_COMMAND",
     "VERSIONS_DIR",
     "CompactReport",
     "DeltaConflict",

@@ -33,16 +33,19 @@ if TYPE_CHECKING:
 
 LATEST_DIR = "sessions"
 VERSIONS_DIR = "sessions_versions"
-PIP_COMMAND = "pip install 'trigger-sessions-export[delta]'"
 
 
 def require_deltalake() -> ModuleType:
-    """The `deltalake` module, or a usage error (exit 2) naming the pip command."""
+    """The `deltalake` module, or a usage error (exit 2) naming the pip command that adds the
+    `delta` extra to this install (the clone's path when it was installed from one)."""
     try:
         import deltalake
     except ImportError:
+        from pipeline.dataset.load import install_command  # only on this error path
+
         raise UsageError(
-            f"table_format = delta needs the deltalake package: {PIP_COMMAND}"
+            f"table_format = delta needs the deltalake package, which is not installed: "
+            f"run {install_command('delta')}"
         ) from None
     return deltalake
 
