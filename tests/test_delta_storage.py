@@ -53,14 +53,20 @@ def test_delta_on_s3_with_conditional_puts(s3) -> None:
 
 
 def test_delta_on_gcs(gcs, monkeypatch: pytest.MonkeyPatch) -> None:
-    """delta-rs (object_store) speaks GCS's XML API, which fake-gcs-server serves only in
-    part: listing needs `-public-host`, writes ask the metadata server for a token even with
-    `google_skip_signature`, and with a token its PUT is refused ("invalid uploadType")."""
+    """delta-rs (object_store 0.13) speaks GCS's XML API. fake-gcs-server (1.54 bundled, and
+    its main branch) serves the XML list, GET, HEAD and DELETE (on `-public-host`) but no XML
+    PUT: `PUT /{bucket}/{object}` lands in its JSON `insertObject`, which answers 400
+    "invalid uploadType" without an `uploadType` query, so nothing can be written (upstream
+    issue 331, open). Reads are checked; the flow runs in full once the emulator takes the PUT."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.endpoint)
     bucket = gcs.new_bucket()
+    output = f"gs://{bucket}/exports/delta"
+    assert not DeltaOutput.at(output).exists(LATEST_DIR)  # the XML list and GET answer
     try:
-        _flow(f"gs://{bucket}/exports/delta")
+        _flow(output)
     except (OSError, StorageError) as error:
-        if "Error performing" not in str(error):
+        message = " ".join(str(error).split())
+        # the PUT itself reached the emulator (no token was asked of a metadata server) and got 400
+        if "Error performing PUT" not in message or "400 Bad Request" not in message:
             raise
-        pytest.xfail(f"delta-rs cannot talk to fake-gcs-server: {' '.join(str(error).split())[:300]}")
+        pytest.xfail(f"fake-gcs-server has no XML-API PUT object: {message[:300]}")
