@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from deltalake import DeltaTable
 
@@ -19,6 +21,7 @@ from pipeline.dataset.delta.commit import apply_versions
 from pipeline.dataset.delta.tables import to_delta_rows
 from pipeline.dataset.flatten import flatten_sessions
 from pipeline.errors import StorageError
+from tests.conftest import gcs_cli
 from tests.delta_worker import batch, extracted, run, truth
 
 APP = "sessions-export"
@@ -70,3 +73,20 @@ def test_delta_on_gcs(gcs, monkeypatch: pytest.MonkeyPatch) -> None:
         if "Error performing PUT" not in message or "400 Bad Request" not in message:
             raise
         pytest.xfail(f"fake-gcs-server has no XML-API PUT object: {message[:300]}")
+
+
+def test_the_read_commands_on_gcs(gcs) -> None:
+    """The CLI's Delta reads go through delta-rs to the emulator (STORAGE_EMULATOR_HOST alone)."""
+    output = f"gs://{gcs.new_bucket()}/exports/delta"
+
+    def on_gcs(*args: str) -> subprocess.CompletedProcess[str]:
+        return gcs_cli(*args, "--output", output, "--table-format", "delta", url=None, gcs=gcs)
+
+    verified = on_gcs("verify")
+    assert verified.returncode == 6, verified.stderr
+    assert f"problem: {output}/{LATEST_DIR} is not a Delta table" in verified.stdout
+    shown = on_gcs("state", "show")
+    assert shown.returncode == 0, shown.stderr
+    assert f"  delta {LATEST_DIR}: no Delta table yet" in shown.stdout.splitlines()
+    compacted = on_gcs("compact", "--force")
+    assert compacted.stdout.strip() == f"compact: no Delta table under {output}", compacted
