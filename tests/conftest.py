@@ -333,9 +333,10 @@ def gcs(tmp_path_factory) -> Iterator[GcsServer]:
         pytest.skip(f"fake-gcs-server has no binary for this platform ({BINARY.name})")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
+    # -public-host: its XML-API routes (delta-rs' list, get, head, delete) match only that host
     process = start_server(
         [str(BINARY), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-         "-backend", "memory", "-log-level", "error"],
+         "-public-host", f"127.0.0.1:{port}", "-backend", "memory", "-log-level", "error"],
         lambda: httpx.get(f"{endpoint}/storage/v1/b", timeout=1), "fake-gcs-server",
         cwd=tmp_path_factory.mktemp("gcs"),
     )

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from deltalake import DeltaTable
 
@@ -19,6 +21,7 @@ from pipeline.dataset.delta.commit import apply_versions
 from pipeline.dataset.delta.tables import to_delta_rows
 from pipeline.dataset.flatten import flatten_sessions
 from pipeline.errors import StorageError
+from tests.conftest import gcs_cli
 from tests.delta_worker import batch, extracted, run, truth
 
 APP = "sessions-export"
@@ -53,14 +56,37 @@ def test_delta_on_s3_with_conditional_puts(s3) -> None:
 
 
 def test_delta_on_gcs(gcs, monkeypatch: pytest.MonkeyPatch) -> None:
-    """delta-rs (object_store) speaks GCS's XML API, which fake-gcs-server serves only in
-    part: listing needs `-public-host`, writes ask the metadata server for a token even with
-    `google_skip_signature`, and with a token its PUT is refused ("invalid uploadType")."""
+    """delta-rs (object_store 0.13) speaks GCS's XML API. fake-gcs-server (1.54 bundled, and
+    its main branch) serves the XML list, GET, HEAD and DELETE (on `-public-host`) but no XML
+    PUT: `PUT /{bucket}/{object}` lands in its JSON `insertObject`, which answers 400
+    "invalid uploadType" without an `uploadType` query, so nothing can be written (upstream
+    issue 331, open). Reads are checked; the flow runs in full once the emulator takes the PUT."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.endpoint)
     bucket = gcs.new_bucket()
+    output = f"gs://{bucket}/exports/delta"
+    assert not DeltaOutput.at(output).exists(LATEST_DIR)  # the XML list and GET answer
     try:
-        _flow(f"gs://{bucket}/exports/delta")
+        _flow(output)
     except (OSError, StorageError) as error:
-        if "Error performing" not in str(error):
+        message = " ".join(str(error).split())
+        # the PUT itself reached the emulator (no token was asked of a metadata server) and got 400
+        if "Error performing PUT" not in message or "400 Bad Request" not in message:
             raise
-        pytest.xfail(f"delta-rs cannot talk to fake-gcs-server: {' '.join(str(error).split())[:300]}")
+        pytest.xfail(f"fake-gcs-server has no XML-API PUT object: {message[:300]}")
+
+
+def test_the_read_commands_on_gcs(gcs) -> None:
+    """The CLI's Delta reads go through delta-rs to the emulator (STORAGE_EMULATOR_HOST alone)."""
+    output = f"gs://{gcs.new_bucket()}/exports/delta"
+
+    def on_gcs(*args: str) -> subprocess.CompletedProcess[str]:
+        return gcs_cli(*args, "--output", output, "--table-format", "delta", url=None, gcs=gcs)
+
+    verified = on_gcs("verify")
+    assert verified.returncode == 6, verified.stderr
+    assert f"problem: {output}/{LATEST_DIR} is not a Delta table" in verified.stdout
+    shown = on_gcs("state", "show")
+    assert shown.returncode == 0, shown.stderr
+    assert f"  delta {LATEST_DIR}: no Delta table yet" in shown.stdout.splitlines()
+    compacted = on_gcs("compact", "--force")
+    assert compacted.stdout.strip() == f"compact: no Delta table under {output}", compacted
