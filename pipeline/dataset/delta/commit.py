@@ -47,6 +47,28 @@ class DeltaConflict(StorageError):
     failed flush is lost, the next run redoes it."""
 
 
+class OpenTables:
+    """The two tables kept open across a job's flushes: each flush brings its handle up to
+    date from the log's newest entries instead of replaying the whole log again."""
+
+    def __init__(self, output: DeltaOutput) -> None:
+        self.output = output
+        self._open: dict[str, Any] = {}
+
+    def current(self, name: str) -> Any:
+        """`name`'s table at its newest committed version."""
+        deltalake = require_deltalake()
+        table = self._open.get(name)
+        if table is not None:
+            try:
+                table.update_incremental()
+                return table
+            except (OSError, deltalake.exceptions.DeltaError):
+                log.info("reopening %s: its log moved on past an incremental update", name)
+        table = self._open[name] = self.output.open(name)
+        return table
+
+
 @dataclass(frozen=True)
 class DeltaCommit:
     """What one flush did to one table."""
@@ -68,8 +90,8 @@ def one_per_version(rows: pa.Table) -> pa.Table:
 
 
 def _first_per(rows: pa.Table, keys: list[str]) -> pa.Table:
-    if rows.num_rows <= 1:
-        return rows
+    if rows.num_rows <= 1 or pc.count_distinct(rows["id"]).as_py() == rows.num_rows:
+        return rows  # every id once (a first export's usual flush): nothing to choose
     order = pc.sort_indices(
         rows,
         sort_keys=[("id", "ascending", "at_end"), ("updated_at", "descending", "at_end"),
@@ -97,7 +119,7 @@ def commit_properties(app_id: str, generation: int, checkpoint: Mapping[str, Any
 
 def apply_versions(
     output: DeltaOutput, rows: pa.Table, app_id: str, generation: int,
-    checkpoint: Mapping[str, Any] | None,
+    checkpoint: Mapping[str, Any] | None, tables: OpenTables | None = None,
 ) -> DeltaCommit:
     """Insert the (id, updated_at) of `rows` the versions table lacks, as `generation`."""
     source = one_per_version(rows)
@@ -114,12 +136,13 @@ def apply_versions(
             .execute()
         )
 
-    return _commit(output, VERSIONS_DIR, source, app_id, generation, checkpoint, merge)
+    return _commit(tables or OpenTables(output), VERSIONS_DIR, source, app_id, generation,
+                   checkpoint, merge)
 
 
 def apply_latest(
     output: DeltaOutput, rows: pa.Table, app_id: str, generation: int,
-    checkpoint: Mapping[str, Any] | None,
+    checkpoint: Mapping[str, Any] | None, tables: OpenTables | None = None,
 ) -> DeltaCommit:
     """MERGE the newest row per id of `rows` into the latest view, as `generation`."""
     source = newest_per_id(rows)
@@ -134,18 +157,19 @@ def apply_latest(
             .execute()
         )
 
-    return _commit(output, LATEST_DIR, source, app_id, generation, checkpoint, merge)
+    return _commit(tables or OpenTables(output), LATEST_DIR, source, app_id, generation,
+                   checkpoint, merge)
 
 
 def _commit(
-    output: DeltaOutput, name: str, source: pa.Table, app_id: str, generation: int,
+    tables: OpenTables, name: str, source: pa.Table, app_id: str, generation: int,
     checkpoint: Mapping[str, Any] | None, merge: Callable[[Any], dict[str, Any]],
 ) -> DeltaCommit:
     """Run `merge` unless `generation` is already committed; a merge that changes nothing
     still commits the txn and checkpoint (an empty commit); conflicts are retried."""
     deltalake = require_deltalake()
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        table = output.open(name)
+        table = tables.current(name)
         done = table.transaction_version(app_id)
         if done is not None and done >= generation:
             return DeltaCommit(name, None, 0, 0)
@@ -164,7 +188,7 @@ def _commit(
             metrics.get("num_target_rows_updated", 0),
         )
     raise DeltaConflict(
-        f"{output.table_uri(name)}: the commit conflicted with other writers {MAX_ATTEMPTS} "
+        f"{tables.output.table_uri(name)}: the commit conflicted with other writers {MAX_ATTEMPTS} "
         "times; nothing was lost, run again"
     )
 

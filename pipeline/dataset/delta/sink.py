@@ -10,7 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.dataset.delta.commit import DeltaCommit, apply_latest, apply_versions
+from pipeline.dataset.delta.commit import DeltaCommit, OpenTables, apply_latest, apply_versions
 from pipeline.dataset.delta.tables import DELTA_SCHEMA, DeltaOutput, days_of, to_delta_rows
 
 
@@ -37,6 +37,7 @@ class DeltaGenerations:
         self.output = output
         self.app_id = app_id
         self.generation = generation  # the last generation committed (recover's answer)
+        self.tables = OpenTables(output)
         self._lock = threading.Lock()
 
     def commit(
@@ -45,8 +46,12 @@ class DeltaGenerations:
         """`rows` (Delta rows) to both tables as the next generation."""
         with self._lock:
             generation = self.generation + 1
-            versions = apply_versions(self.output, rows, self.app_id, generation, checkpoint)
-            latest = apply_latest(self.output, rows, self.app_id, generation, checkpoint)
+            versions = apply_versions(
+                self.output, rows, self.app_id, generation, checkpoint, self.tables
+            )
+            latest = apply_latest(
+                self.output, rows, self.app_id, generation, checkpoint, self.tables
+            )
             self.generation = generation
         days = ",".join(sorted(days_of(rows)))
         return [_written(c, days) for c in (versions, latest)]
