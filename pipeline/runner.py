@@ -219,7 +219,7 @@ def compact_dataset(settings: Settings, only: list[str] | None, echo: Echo | Non
     from pipeline.dataset.compact import compact
 
     if is_delta(settings):
-        compact_delta_output(settings, echo)
+        compact_delta_output(settings, only, echo)
         return
     from pipeline.jobs.core import new_run_id, wall_clock_ms
     from pipeline.store.lock import lock_holder
@@ -230,9 +230,10 @@ def compact_dataset(settings: Settings, only: list[str] | None, echo: Echo | Non
         echo(summary.line())
 
 
-def compact_delta_output(settings: Settings, echo: Echo | None) -> None:
+def compact_delta_output(settings: Settings, only: list[str] | None, echo: Echo | None) -> None:
     """`compact` of a Delta output, under the run lock: first finish any flush a crash cut
-    between its two commits, then OPTIMIZE, checkpoint and VACUUM both tables."""
+    between its two commits, then OPTIMIZE (every partition, or the days in `only`),
+    checkpoint and VACUUM both tables."""
     from datetime import timedelta
 
     from pipeline.dataset.delta import compact_delta, recover_all
@@ -246,7 +247,7 @@ def compact_delta_output(settings: Settings, echo: Echo | None) -> None:
         for app, recovery in recover_all(output).items():
             if recovery.remerged and echo is not None:
                 echo(f"recovered: flushes {list(recovery.remerged)} of {app} re-merged")
-        reports = compact_delta(output, retention, settings.force)
+        reports = compact_delta(output, retention, settings.force, only)
     if echo is not None:
         for report in reports:
             echo(report.line())

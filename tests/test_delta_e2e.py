@@ -3,6 +3,7 @@ two Delta tables read back and compared with the emulator's truth, field by fiel
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -157,6 +158,37 @@ def test_all_environments_write_their_own_delta_tables(emulator, tmp_path):
     for name in ("alpha", "beta"):
         assert_tables_exact(str(tmp_path / name), [truth])
         assert not list(Path(tmp_path, name, "sessions").glob("*/part-2*.parquet"))
+
+
+def files_per_day(output: str) -> dict[str, int]:
+    """How many data files `sessions` holds in each `created_date` partition."""
+    days = DeltaTable(f"{output}/{LATEST_DIR}").get_add_actions(flatten=True)
+    counts: dict[str, int] = {}
+    for day in days.column("partition.created_date").to_pylist():
+        counts[str(day)] = counts.get(str(day), 0) + 1
+    return counts
+
+
+def test_run_compact_bin_packs_only_the_days_the_run_touched(emulator, tmp_path):
+    emu = emulator(sessions=900, days=4, list_trigger_config="include")
+    output = str(tmp_path / "out")
+    first = run_cli("run", "--output", output, *DELTA, "--flush-rows", "60", url=emu.url)
+    assert first.returncode == 0, first.stderr
+    before = files_per_day(output)
+    assert min(before.values()) > 1  # small flushes: several files in every partition
+    for n in range(5):  # created now: only today's partition changes
+        api(emu.url, "POST", "", {"type": "chat.agent", "taskIdentifier": "fresh",
+                                  "externalId": f"fresh-{n}"})
+    second = run_cli("run", "--output", output, *DELTA, "--compact", url=emu.url)
+    assert second.returncode == 0, second.stderr
+    assert "compact sessions: " in second.stdout, second.stdout
+    manifest = max(Path(output, "_runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    touched = set(json.loads(manifest.read_text())["partitions"])
+    after = files_per_day(output)
+    assert touched and set(after) - touched, (touched, after)
+    assert all(after[day] == 1 for day in touched), after
+    assert all(after[day] == before[day] for day in set(after) - touched), (before, after)
+    assert_tables_exact(output, [emulator_sessions(emu.url)])
 
 
 @pytest.mark.slow

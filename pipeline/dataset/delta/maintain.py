@@ -40,18 +40,20 @@ class CompactReport:
 
 
 def compact_delta(
-    output: DeltaOutput, retention: timedelta = DEFAULT_RETENTION, force: bool = False
+    output: DeltaOutput, retention: timedelta = DEFAULT_RETENTION, force: bool = False,
+    only: list[str] | None = None,
 ) -> list[CompactReport]:
-    """OPTIMIZE (bin-pack each partition), a checkpoint, then VACUUM of files unreferenced
-    for longer than `retention` (rounded up to whole hours, as Delta counts it), on both
-    tables; under an hour only with `force`."""
+    """OPTIMIZE (bin-pack each partition, or only the `created_date` days in `only`), a
+    checkpoint, then VACUUM of files unreferenced for longer than `retention` (rounded up
+    to whole hours, as Delta counts it), on both tables; under an hour only with `force`."""
     check_retention(retention, force)
+    days = None if only is None else [("created_date", "in", sorted(set(only)))]
     reports = []
     for name in (VERSIONS_DIR, LATEST_DIR):
         if not output.exists(name):
             continue
         table = output.open(name, create=False)
-        metrics = table.optimize.compact()
+        metrics = table.optimize.compact(partition_filters=days) if only != [] else {}
         table.create_checkpoint()
         removed = table.vacuum(
             retention_hours=math.ceil(retention.total_seconds() / 3600), dry_run=False,
