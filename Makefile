@@ -92,7 +92,7 @@ bench-delta: bytecode
 ## A first export of 1,000,000 sessions into Delta next to the same into Parquet: wall time
 ## and peak RSS of each, and the ratios against the targets (≤ 1.3× time, ≤ 1.5× RSS).
 bench-delta-export: bytecode
-	$(BIN)/python -m bench.delta_export
+	$(BIN)/python -m bench.delta_export --repeat 3
 
 ## This checkout's `run` next to another checkout's (BASELINE=DIR, e.g. a git worktree of an
 ## older commit), alternating rounds on one emulator: speed ratio, CPU and peak RSS.

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,9 @@ class Measured:
     returncode: int
     stdout: str
     cpu_seconds: float = 0.0  # user + sys of the child
+    # the largest anonymous and file-backed (mapped libraries) parts of RSS, sampled
+    peak_anon_mb: float = 0.0
+    peak_file_mb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -82,12 +86,33 @@ def measure(command: list[str], env: dict[str, str] | None = None,
         command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         cwd=cwd,
     )
+    peaks = {"RssAnon": 0, "RssFile": 0}
+    sampler = threading.Thread(target=_sample_rss, args=(process.pid, peaks), daemon=True)
+    sampler.start()
     output = process.stdout.read() if process.stdout else ""
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
+    sampler.join()
     process.returncode = os.waitstatus_to_exitcode(status)
     cpu = usage.ru_utime + usage.ru_stime
-    return Measured(seconds, usage.ru_maxrss / 1024, process.returncode, output, cpu)
+    return Measured(seconds, usage.ru_maxrss / 1024, process.returncode, output, cpu,
+                    peaks["RssAnon"] / 1024, peaks["RssFile"] / 1024)
+
+
+def _sample_rss(pid: int, peaks: dict[str, int]) -> None:
+    """Keep the largest RssAnon and RssFile (kB) of `pid` every 50 ms until it is gone."""
+    status = Path(f"/proc/{pid}/status")
+    while True:
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:
+            return
+        fields = dict(line.split(":", 1) for line in lines if ":" in line)
+        if "RssAnon" not in fields:  # a zombie: the process has ended
+            return
+        for key in peaks:
+            peaks[key] = max(peaks[key], int(fields[key].split()[0]))
+        time.sleep(0.05)
 
 
 def export(command: str, url: str, out: str, *args: str) -> Measured:
