@@ -328,3 +328,26 @@ def test_kill_9_during_compact_then_flushes_and_compact_again_is_exact(tmp_path:
     compact_delta(DeltaOutput.at(output))
     assert_tables_match(output, seed=13, batches=36)
     assert verify_delta(DeltaOutput.at(output)).ok
+
+
+def test_a_flush_reads_only_the_files_its_created_at_range_can_match(tmp_path: Path) -> None:
+    """A busy day: flushes of the walk (each a narrow createdAt range, ids in no order) into
+    one partition. Each MERGE scans only the files whose createdAt range meets its own, not
+    the whole day: the cost of a flush does not grow with the partition."""
+    out = DeltaOutput.at(tmp_path / "out")
+    sink = DeltaSink(out, APP, 0, 10**9, 2**40)
+    rng = random.Random(5)
+    for flush in range(6):
+        sessions = []
+        for n in range(50):
+            value = session(flush * 50 + n, 1)
+            value["id"] = f"session_{rng.getrandbits(64):016x}"
+            value["createdAt"] = f"2026-10-01T{flush:02d}:{n:02d}:00.000Z"
+            sessions.append(value)
+        sink.add(flatten_sessions(sessions, extracted(flush), "run-busy"))
+        sink.flush(flush + 1)
+    assert len(DeltaTable(out.table_uri(LATEST_DIR)).file_uris()) == 6  # one day, six files
+    for name in (LATEST_DIR, VERSIONS_DIR):
+        metrics = DeltaTable(out.table_uri(name)).history(1)[0]["operationMetrics"]
+        assert metrics["num_target_files_scanned"] == 0, (name, metrics)
+        assert metrics["num_target_files_skipped_during_scan"] == 5, (name, metrics)

@@ -34,6 +34,10 @@ CHECKPOINT_KEY = "sessions_export.checkpoint"  # the commit's custom metadata ke
 GENERATION_KEY = "sessions_export.generation"
 MAX_ATTEMPTS = 8  # optimistic conflicts retried this many times, then DeltaConflict
 
+# a session's createdAt never changes (its partition depends on it too): naming it beside
+# the id lets delta-rs skip, from the source's createdAt range, the files of the partition
+# that cannot hold a match; each flush's rows are a narrow createdAt range of the walk
+SAME_SESSION = "t.id = s.id AND t.created_at = s.created_at"
 # null updated_at counts as the oldest; a tie on updated_at goes to the later extraction
 NEWER = (
     "(s.updated_at > t.updated_at)"
@@ -124,13 +128,14 @@ def apply_versions(
     """Insert the (id, updated_at) of `rows` the versions table lacks, as `generation`."""
     source = one_per_version(rows)
     predicate = (
-        f"{partition_literals(days_of(source))} AND t.id = s.id"
+        f"{partition_literals(days_of(source))} AND {SAME_SESSION}"
         " AND (t.updated_at IS NOT DISTINCT FROM s.updated_at)"
     )
 
     def merge(table: Any) -> dict[str, Any]:
         return (
             table.merge(source, predicate, source_alias="s", target_alias="t",
+                        streamed_exec=False,  # the source is in memory: its ranges prune files
                         commit_properties=commit_properties(app_id, generation, checkpoint))
             .when_not_matched_insert_all()
             .execute()
@@ -146,11 +151,12 @@ def apply_latest(
 ) -> DeltaCommit:
     """MERGE the newest row per id of `rows` into the latest view, as `generation`."""
     source = newest_per_id(rows)
-    predicate = f"{partition_literals(days_of(source))} AND t.id = s.id"
+    predicate = f"{partition_literals(days_of(source))} AND {SAME_SESSION}"
 
     def merge(table: Any) -> dict[str, Any]:
         return (
             table.merge(source, predicate, source_alias="s", target_alias="t",
+                        streamed_exec=False,  # the source is in memory: its ranges prune files
                         commit_properties=commit_properties(app_id, generation, checkpoint))
             .when_matched_update_all(predicate=NEWER)
             .when_not_matched_insert_all()
