@@ -2,8 +2,10 @@
 same into Parquet, side by side in one run.
 
 The emulator serves N sessions (no latency, no rate limit, triggerConfig on list rows);
-`sessions-export run` writes them once with `--table-format parquet` and once with
-`--table-format delta`, in alternating order over `--repeat` rounds. The table reports each
+`--days` sets their createdAt span (30 by default; 1 is a busy day, where every flush lands
+in one partition). `sessions-export run` writes them once with `--table-format parquet`
+and once with `--table-format delta`, in alternating order over `--repeat` rounds. The
+table reports each
 side's median wall and CPU time and its peak RSS (the child's own, via wait4, split into
 its anonymous and mapped-file parts, sampled), and the ratios Delta / Parquet against the
 targets (≤ 1.3× time, ≤ 1.5× RSS); then what delta-rs alone costs a process (`FLOOR`).
@@ -59,8 +61,8 @@ def one_round(url: str, sessions: int, delta_first: bool) -> dict[str, Measured]
     return runs
 
 
-def summary(sessions: int, rounds: list[dict[str, Measured]]) -> dict[str, object]:
-    row: dict[str, object] = {"sessions": sessions, "rounds": len(rounds)}
+def summary(sessions: int, days: float, rounds: list[dict[str, Measured]]) -> dict[str, object]:
+    row: dict[str, object] = {"sessions": sessions, "days": days, "rounds": len(rounds)}
     for table_format in FORMATS:
         runs = [r[table_format] for r in rounds]
         row[f"{table_format}_seconds"] = round(median(m.seconds for m in runs), 2)
@@ -79,16 +81,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--days", type=float, default=30.0,
+                        help="the createdAt span (1: a busy day, every flush in one partition)")
     args = parser.parse_args()
-    flags = ("--sessions", str(args.sessions), "--seed", "1", "--no-rate-limit",
-             "--list-trigger-config", "include")
+    flags = ("--sessions", str(args.sessions), "--days", str(args.days), "--seed", "1",
+             "--no-rate-limit", "--list-trigger-config", "include")
     with emulator_process(*flags) as served:
         rounds = [one_round(served.url, args.sessions, n % 2 == 1) for n in range(args.repeat)]
-    row = summary(args.sessions, rounds)
+    row = summary(args.sessions, args.days, rounds)
     write_results("delta_export", [row])
     print_table(
-        ["sessions", "Parquet s / MB", "Delta s / MB", "time ×", "RSS ×"],
-        [[f"{args.sessions:,}",
+        ["sessions", "days", "Parquet s / MB", "Delta s / MB", "time ×", "RSS ×"],
+        [[f"{args.sessions:,}", f"{args.days:g}",
           f"{row['parquet_seconds']} / {row['parquet_peak_rss_mb']}",
           f"{row['delta_seconds']} / {row['delta_peak_rss_mb']}",
           row["time_ratio"], row["rss_ratio"]]],
