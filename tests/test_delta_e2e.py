@@ -191,6 +191,51 @@ def test_run_compact_bin_packs_only_the_days_the_run_touched(emulator, tmp_path)
     assert_tables_exact(output, [emulator_sessions(emu.url)])
 
 
+def run_commit_days(output: str, run_id: str) -> set[str]:
+    """The partitions every commit of `run_id` (its app transactions) added files to."""
+    days: set[str] = set()
+    for name in (LATEST_DIR, VERSIONS_DIR):
+        for entry in sorted(Path(output, name, "_delta_log").glob("*.json")):
+            actions = [json.loads(line) for line in entry.read_text().splitlines() if line]
+            if any(a.get("txn", {}).get("appId") == run_id for a in actions):
+                days |= {a["add"]["partitionValues"]["created_date"] for a in actions if "add" in a}
+    return days
+
+
+def test_a_resume_reports_the_flushes_committed_after_its_last_checkpoint(emulator, gate,
+                                                                         tmp_path):
+    """A kill between a flush's commits and the job's checkpoint (made here by putting back
+    an older checkpoint after a kill -9): the resumed run's manifest still names the
+    partitions of those commits, which `run --compact` bin-packs."""
+    emu = emulator(sessions=3000, days=6, list_trigger_config="include")
+    held = gate(emu.url, 14)
+    output = str(tmp_path / "out")
+    state = Path(output, "_state", "checkpoint.json")
+    first = spawn_cli("run", "--output", output, *DELTA, "--flush-rows", "100", url=held.url)
+    kept: list[str] = []
+    deadline = time.monotonic() + 60
+    while not held.waiting:
+        assert time.monotonic() < deadline and first.poll() is None, "the run never waited"
+        text = state.read_text() if state.exists() else ""
+        if '"flush_seq"' in text and (not kept or kept[-1] != text):
+            kept.append(text)
+        time.sleep(0.005)
+    time.sleep(0.5)  # the walk's last pages reach the tables
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    last = state.read_text()
+    older = [t for t in kept if t != last
+             and (json.loads(t)["in_progress"] or {}).get("flush_seq", 0) >= 1]
+    assert older, "no checkpoint older than the last was seen"
+    state.write_text(older[0])  # the flushes after it: committed, not checkpointed
+    run_id = json.loads(older[0])["in_progress"]["run_id"]
+    resumed = run_cli("run", "--output", output, *DELTA, "--compact", url=emu.url)
+    assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
+    manifest = json.loads(Path(output, "_runs", f"{run_id}.json").read_text())
+    assert run_commit_days(output, run_id) <= set(manifest["partitions"]), manifest
+    assert_tables_exact(output, [emulator_sessions(emu.url)])
+
+
 @pytest.mark.slow
 def test_a_second_run_exits_75_and_nothing_is_lost(emulator, gate, tmp_path):
     emu = emulator(sessions=1500, days=2, list_trigger_config="include")

@@ -14,7 +14,12 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 from pipeline.dataset.delta import DeltaOutput, DeltaSink, known_versions, recover
-from pipeline.dataset.delta.runs import partition_rows, run_version_keys, touched_partitions
+from pipeline.dataset.delta.runs import (
+    partition_rows,
+    run_partitions,
+    run_version_keys,
+    touched_partitions,
+)
 from pipeline.dataset.delta.sink import DeltaGenerations
 from pipeline.dataset.layout import day_of
 from pipeline.dataset.sink import Sink
@@ -34,6 +39,7 @@ class DeltaTarget:
         self.tables = tables
         self.output = output
         self._generations: DeltaGenerations | None = None
+        self._run_id = ""
 
     def ahead_rows(self, flush_rows: int) -> int:
         # a flush's two MERGEs take about as long as walking its rows: overlap them
@@ -44,6 +50,7 @@ class DeltaTarget:
         its last committed one (one counter for all its sinks)."""
         recovery = recover(self.tables, run_id)
         self._generations = DeltaGenerations(self.tables, run_id, recovery.generation)
+        self._run_id = run_id
 
     def sink(self, name: str, flush_rows: int, flush_bytes: int) -> Sink:
         generations = self._generations
@@ -63,7 +70,10 @@ class DeltaTarget:
         return [run_version_keys(self.tables, run_id)]
 
     def partitions(self, files: Sequence[str]) -> list[str]:
-        return touched_partitions(self.tables, files)
+        # commits a kill cut off before a checkpoint stay in the tables, unrecorded in `files`
+        # (the replay skips their versions): the run's own files name their partitions
+        found = set(touched_partitions(self.tables, files))
+        return sorted(found | run_partitions(self.tables, self._run_id))
 
     def stored_rows(self, low_ms: int, high_ms: int) -> int:
         return partition_rows(self.tables, day_of(low_ms), day_of(high_ms))

@@ -27,6 +27,20 @@ def run_version_keys(output: DeltaOutput, run_id: str) -> pa.Array:
     return version_keys(rows.set_column(1, "updated_at", updated)).combine_chunks()
 
 
+def run_partitions(output: DeltaOutput, run_id: str) -> set[str]:
+    """The partitions of `sessions_versions` files that hold only `run_id`'s rows (by the
+    log's file statistics): what a run wrote, its unrecorded flushes too (commits a kill
+    cut off before the job's checkpoint, on any attempt), without reading the log back."""
+    if not output.exists(VERSIONS_DIR):
+        return set()
+    actions = pa.table(output.open(VERSIONS_DIR, create=False).get_add_actions(flatten=True))
+    if "min.run_id" not in actions.column_names:  # no statistics kept for the column
+        return set()
+    mine = pc.and_(pc.equal(actions["min.run_id"], run_id), pc.equal(actions["max.run_id"], run_id))
+    days = actions[f"partition.{PARTITION_KEY}"].filter(pc.fill_null(mine, False))
+    return {str(day) for day in days.to_pylist()}
+
+
 def touched_partitions(output: DeltaOutput, entries: Sequence[str]) -> list[str]:
     """The partitions the commits at `entries` (`<table>/_delta_log/<version>.json`) added
     files to, sorted."""
