@@ -206,7 +206,7 @@ def test_a_resume_reports_the_flushes_committed_after_its_last_checkpoint(emulat
                                                                          tmp_path):
     """A kill between a flush's commits and the job's checkpoint (made here by putting back
     an older checkpoint after a kill -9): the resumed run's manifest still names the
-    partitions of those commits, which `run --compact` bin-packs."""
+    partitions of those commits, which `run --compact` bin-packs, and counts their rows."""
     emu = emulator(sessions=3000, days=6, list_trigger_config="include")
     held = gate(emu.url, 14)
     output = str(tmp_path / "out")
@@ -233,6 +233,9 @@ def test_a_resume_reports_the_flushes_committed_after_its_last_checkpoint(emulat
     assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr
     manifest = json.loads(Path(output, "_runs", f"{run_id}.json").read_text())
     assert run_commit_days(output, run_id) <= set(manifest["partitions"]), manifest
+    # its count: every version the run wrote, on either attempt, and no more
+    history = DeltaTable(f"{output}/{VERSIONS_DIR}").to_pyarrow_table(columns=["run_id"])
+    assert manifest["rows"] == history["run_id"].to_pylist().count(run_id), manifest
     assert_tables_exact(output, [emulator_sessions(emu.url)])
 
 

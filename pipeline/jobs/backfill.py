@@ -435,7 +435,9 @@ class BackfillRun:
             filters=state.filters,
             started_at_ms=state.started_at_ms,
             finished_ms=self.clock(),
-            totals=state.totals() + Counters(single_fetches=fetches),
+            totals=self.target.settle(
+                state.run_id, state.totals() + Counters(single_fetches=fetches), self.resumed
+            ),
             files=state.files(),
             partitions=self.target.partitions(state.files()),
             resumed=int(self.resumed),

@@ -17,6 +17,7 @@ from pipeline.dataset.delta import DeltaOutput, DeltaSink, known_versions, recov
 from pipeline.dataset.delta.runs import (
     partition_rows,
     run_partitions,
+    run_rows,
     run_version_keys,
     touched_partitions,
 )
@@ -25,7 +26,7 @@ from pipeline.dataset.layout import day_of
 from pipeline.dataset.sink import Sink
 from pipeline.dataset.versions import KEY_BUDGET
 from pipeline.jobs.core import KnownVersions
-from pipeline.store.state import Window
+from pipeline.store.state import Counters, Window
 from pipeline.store.storage import Storage
 
 
@@ -74,6 +75,14 @@ class DeltaTarget:
         # (the replay skips their versions): the run's own files name their partitions
         found = set(touched_partitions(self.tables, files))
         return sorted(found | run_partitions(self.tables, self._run_id))
+
+    def settle(self, run_id: str, totals: Counters, resumed: bool) -> Counters:
+        # the replay skipped (as unchanged) the versions of flushes committed after the last
+        # checkpoint: the run's own files in sessions_versions count them
+        missing = run_rows(self.tables, run_id) - totals.rows if resumed else 0
+        if missing <= 0:
+            return totals
+        return totals + Counters(rows=missing, unchanged=-min(missing, totals.unchanged))
 
     def stored_rows(self, low_ms: int, high_ms: int) -> int:
         return partition_rows(self.tables, day_of(low_ms), day_of(high_ms))

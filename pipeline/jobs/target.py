@@ -19,7 +19,7 @@ from pipeline.dataset.layout import (
 )
 from pipeline.dataset.sink import ParquetSink, Sink
 from pipeline.jobs.core import KnownVersions, remove_unrecorded
-from pipeline.store.state import Window
+from pipeline.store.state import Counters, Window
 from pipeline.store.storage import Storage
 
 
@@ -62,6 +62,11 @@ class DatasetTarget(Protocol):
         """Rows stored in the partitions of a createdAt span (a cost estimate)."""
         ...
 
+    def settle(self, run_id: str, totals: Counters, resumed: bool) -> Counters:
+        """The run's counters for its report, with what an interrupted attempt wrote and
+        its resume could not count (the resume skipped those versions as held)."""
+        ...
+
 
 class ParquetTarget:
     """Hive-partitioned Parquet files under `sessions/`, one per partition per flush."""
@@ -94,6 +99,9 @@ class ParquetTarget:
 
     def partitions(self, files: Sequence[str]) -> list[str]:
         return sorted({partition_of(path) for path in files})
+
+    def settle(self, run_id: str, totals: Counters, resumed: bool) -> Counters:
+        return totals  # a resume rewrites the unrecorded files, and counts them again
 
     def stored_rows(self, low_ms: int, high_ms: int) -> int:
         first, last = day_of(low_ms), day_of(high_ms)

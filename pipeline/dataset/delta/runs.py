@@ -27,18 +27,32 @@ def run_version_keys(output: DeltaOutput, run_id: str) -> pa.Array:
     return version_keys(rows.set_column(1, "updated_at", updated)).combine_chunks()
 
 
-def run_partitions(output: DeltaOutput, run_id: str) -> set[str]:
-    """The partitions of `sessions_versions` files that hold only `run_id`'s rows (by the
-    log's file statistics): what a run wrote, its unrecorded flushes too (commits a kill
-    cut off before the job's checkpoint, on any attempt), without reading the log back."""
+def run_files(output: DeltaOutput, run_id: str) -> pa.Table:
+    """The add actions (flattened) of the `sessions_versions` files that hold only
+    `run_id`'s rows, by the log's file statistics: what a run wrote, its flushes a kill cut
+    off before the job's checkpoint too (on any attempt), without reading the log back. A
+    file OPTIMIZE merged with other runs' rows is not among them."""
     if not output.exists(VERSIONS_DIR):
-        return set()
+        return pa.table({})
     actions = pa.table(output.open(VERSIONS_DIR, create=False).get_add_actions(flatten=True))
     if "min.run_id" not in actions.column_names:  # no statistics kept for the column
-        return set()
+        return pa.table({})
     mine = pc.and_(pc.equal(actions["min.run_id"], run_id), pc.equal(actions["max.run_id"], run_id))
-    days = actions[f"partition.{PARTITION_KEY}"].filter(pc.fill_null(mine, False))
-    return {str(day) for day in days.to_pylist()}
+    return actions.filter(pc.fill_null(mine, False))
+
+
+def run_partitions(output: DeltaOutput, run_id: str) -> set[str]:
+    """The partitions of `run_files`."""
+    files = run_files(output, run_id)
+    if not files.num_rows:
+        return set()
+    return {str(day) for day in files[f"partition.{PARTITION_KEY}"].to_pylist()}
+
+
+def run_rows(output: DeltaOutput, run_id: str) -> int:
+    """The versions of `run_files`."""
+    files = run_files(output, run_id)
+    return int(pc.sum(files["num_records"]).as_py() or 0) if files.num_rows else 0
 
 
 def touched_partitions(output: DeltaOutput, entries: Sequence[str]) -> list[str]:
