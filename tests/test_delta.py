@@ -76,6 +76,10 @@ def test_flushes_dedupe_and_merge_field_by_field(tmp_path: Path) -> None:
     assert report.ok, report.lines()
     latest, versions = truth(1, 12)
     assert report.sessions == len(latest) and report.versions == len(versions)
+    for name in (LATEST_DIR, VERSIONS_DIR):  # no table feature an outside reader may lack
+        protocol = DeltaTable(f"{output}/{name}").protocol()
+        assert (protocol.min_reader_version, protocol.min_writer_version) == (1, 2), protocol
+        assert not protocol.reader_features and not protocol.writer_features, protocol
 
 
 def test_null_updated_at_is_the_oldest_and_ties_go_to_the_later_extraction(tmp_path) -> None:
