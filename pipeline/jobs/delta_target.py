@@ -41,6 +41,7 @@ class DeltaTarget:
         self.output = output
         self._generations: DeltaGenerations | None = None
         self._run_id = ""
+        self._resumed = False
 
     def ahead_rows(self, flush_rows: int) -> int:
         # a flush's two MERGEs take about as long as walking its rows: overlap them
@@ -52,6 +53,7 @@ class DeltaTarget:
         recovery = recover(self.tables, run_id)
         self._generations = DeltaGenerations(self.tables, run_id, recovery.generation)
         self._run_id = run_id
+        self._resumed = resumed
 
     def sink(self, name: str, flush_rows: int, flush_bytes: int) -> Sink:
         generations = self._generations
@@ -71,10 +73,12 @@ class DeltaTarget:
         return [run_version_keys(self.tables, run_id)]
 
     def partitions(self, files: Sequence[str]) -> list[str]:
-        # commits a kill cut off before a checkpoint stay in the tables, unrecorded in `files`
-        # (the replay skips their versions): the run's own files name their partitions
         found = set(touched_partitions(self.tables, files))
-        return sorted(found | run_partitions(self.tables, self._run_id))
+        if self._resumed:
+            # commits a kill cut off before a checkpoint stay in the tables, unrecorded in
+            # `files` (the replay skips their versions): the run's own files name them
+            found |= run_partitions(self.tables, self._run_id)
+        return sorted(found)
 
     def settle(self, run_id: str, totals: Counters, resumed: bool) -> Counters:
         # the replay skipped (as unchanged) the versions of flushes committed after the last
