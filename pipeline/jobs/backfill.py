@@ -435,9 +435,7 @@ class BackfillRun:
             filters=state.filters,
             started_at_ms=state.started_at_ms,
             finished_ms=self.clock(),
-            totals=self.target.settle(
-                state.run_id, state.totals() + Counters(single_fetches=fetches), self.resumed
-            ),
+            totals=self.target.settle(state.totals() + Counters(single_fetches=fetches)),
             files=state.files(),
             partitions=self.target.partitions(state.files()),
             resumed=int(self.resumed),

@@ -15,9 +15,10 @@ import pyarrow as pa
 
 from pipeline.dataset.delta import DeltaOutput, DeltaSink, known_versions, recover
 from pipeline.dataset.delta.runs import (
+    files_partitions,
+    files_rows,
     partition_rows,
-    run_partitions,
-    run_rows,
+    run_files,
     run_version_keys,
     touched_partitions,
 )
@@ -42,6 +43,7 @@ class DeltaTarget:
         self._generations: DeltaGenerations | None = None
         self._run_id = ""
         self._resumed = False
+        self._own: pa.Table | None = None  # the run's own versions files, read once at its end
 
     def ahead_rows(self, flush_rows: int) -> int:
         # a flush's two MERGEs take about as long as walking its rows: overlap them
@@ -54,6 +56,7 @@ class DeltaTarget:
         self._generations = DeltaGenerations(self.tables, run_id, recovery.generation)
         self._run_id = run_id
         self._resumed = resumed
+        self._own = None
 
     def sink(self, name: str, flush_rows: int, flush_bytes: int) -> Sink:
         generations = self._generations
@@ -77,16 +80,21 @@ class DeltaTarget:
         if self._resumed:
             # commits a kill cut off before a checkpoint stay in the tables, unrecorded in
             # `files` (the replay skips their versions): the run's own files name them
-            found |= run_partitions(self.tables, self._run_id)
+            found |= files_partitions(self._own_files())
         return sorted(found)
 
-    def settle(self, run_id: str, totals: Counters, resumed: bool) -> Counters:
+    def settle(self, totals: Counters) -> Counters:
         # the replay skipped (as unchanged) the versions of flushes committed after the last
         # checkpoint: the run's own files in sessions_versions count them
-        missing = run_rows(self.tables, run_id) - totals.rows if resumed else 0
+        missing = files_rows(self._own_files()) - totals.rows if self._resumed else 0
         if missing <= 0:
             return totals
         return totals + Counters(rows=missing, unchanged=-min(missing, totals.unchanged))
+
+    def _own_files(self) -> pa.Table:
+        if self._own is None:
+            self._own = run_files(self.tables, self._run_id)
+        return self._own
 
     def stored_rows(self, low_ms: int, high_ms: int) -> int:
         return partition_rows(self.tables, day_of(low_ms), day_of(high_ms))

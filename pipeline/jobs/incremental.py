@@ -360,7 +360,7 @@ class IncrementalRun:
             filters=progress.filters,
             started_at_ms=progress.started_at_ms,
             finished_ms=finished,
-            totals=self.target.settle(progress.run_id, self._totals(run), progress.resumed > 0),
+            totals=self.target.settle(self._totals(run)),
             files=list(progress.walked.files),
             partitions=self.target.partitions(progress.walked.files),
             resumed=progress.resumed,

@@ -62,9 +62,9 @@ class DatasetTarget(Protocol):
         """Rows stored in the partitions of a createdAt span (a cost estimate)."""
         ...
 
-    def settle(self, run_id: str, totals: Counters, resumed: bool) -> Counters:
-        """The run's counters for its report, with what an interrupted attempt wrote and
-        its resume could not count (the resume skipped those versions as held)."""
+    def settle(self, totals: Counters) -> Counters:
+        """The counters of the run begun, for its report, with what an interrupted attempt
+        wrote and its resume could not count (the resume skipped those versions as held)."""
         ...
 
 
@@ -100,7 +100,7 @@ class ParquetTarget:
     def partitions(self, files: Sequence[str]) -> list[str]:
         return sorted({partition_of(path) for path in files})
 
-    def settle(self, run_id: str, totals: Counters, resumed: bool) -> Counters:
+    def settle(self, totals: Counters) -> Counters:
         return totals  # a resume rewrites the unrecorded files, and counts them again
 
     def stored_rows(self, low_ms: int, high_ms: int) -> int:

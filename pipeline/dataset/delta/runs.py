@@ -41,17 +41,15 @@ def run_files(output: DeltaOutput, run_id: str) -> pa.Table:
     return actions.filter(pc.fill_null(mine, False))
 
 
-def run_partitions(output: DeltaOutput, run_id: str) -> set[str]:
-    """The partitions of `run_files`."""
-    files = run_files(output, run_id)
+def files_partitions(files: pa.Table) -> set[str]:
+    """The partitions of add actions such as `run_files`'."""
     if not files.num_rows:
         return set()
     return {str(day) for day in files[f"partition.{PARTITION_KEY}"].to_pylist()}
 
 
-def run_rows(output: DeltaOutput, run_id: str) -> int:
-    """The versions of `run_files`."""
-    files = run_files(output, run_id)
+def files_rows(files: pa.Table) -> int:
+    """The rows of add actions such as `run_files`'."""
     return int(pc.sum(files["num_records"]).as_py() or 0) if files.num_rows else 0
 
 
